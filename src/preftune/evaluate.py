@@ -1,0 +1,66 @@
+"""Held-out evaluation: the loss and reward metrics over a set of pairs, plus per-pair rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from preftune.data.collate import collate_pairs
+from preftune.data.tokenize import TokenizedPair
+from preftune.forward import pair_forward
+from preftune.losses import LossParams
+from preftune.metrics import add_sums, averages, pair_sums
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]  # names without the "eval/" prefix
+    pairs: list[dict]  # one row per pair: where it came from and where it sits on the loss curve
+
+
+def evaluate(
+    policy: nn.Module,
+    reference: nn.Module | None,
+    pairs: list[TokenizedPair],
+    params: LossParams,
+    batch_size: int,
+    pad_id: int,
+    progress: bool = False,
+) -> EvalResult:
+    """Loss and reward metrics of ``policy`` (against ``reference``) on ``pairs``."""
+    was_training = policy.training
+    policy.eval()
+    totals: dict[str, torch.Tensor] = {}
+    rows: list[dict] = []
+    batches = range(0, len(pairs), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="eval", unit="batch", leave=False)
+    with torch.no_grad():
+        for start in batches:
+            chunk = pairs[start : start + batch_size]
+            out = pair_forward(policy, reference, collate_pairs(chunk, pad_id), params)
+            add_sums(totals, pair_sums(
+                out.loss.losses, out.loss.chosen_rewards, out.loss.rejected_rewards,
+                out.policy_chosen_logps, out.policy_rejected_logps, out.loss.components,
+            ))
+            h = out.policy_chosen_logps - out.policy_rejected_logps
+            if out.reference_chosen_logps is not None:
+                h = h - (out.reference_chosen_logps - out.reference_rejected_logps)
+            for i, pair in enumerate(chunk):
+                rows.append({
+                    "source": pair.source,
+                    "record": pair.record,
+                    "h": float(h[i]),
+                    "margin": float(out.loss.chosen_rewards[i] - out.loss.rejected_rewards[i]),
+                    "chosen_reward": float(out.loss.chosen_rewards[i]),
+                    "rejected_reward": float(out.loss.rejected_rewards[i]),
+                    "loss": float(out.loss.losses[i]),
+                    "policy_chosen_logps": float(out.policy_chosen_logps[i]),
+                    "policy_rejected_logps": float(out.policy_rejected_logps[i]),
+                })
+    policy.train(was_training)
+    return EvalResult(averages(totals, len(pairs)), rows)

@@ -1,0 +1,242 @@
+"""The training loop: DPO (or a loss of its family) on preference pairs.
+
+One optimizer step reads ``batch_size * grad_accum`` pairs from a seeded stream of pair
+indices (a new permutation each epoch), runs the policy over chosen and rejected stacked
+together and the frozen reference without gradients, and averages the per-pair loss over
+every pair of the step, so that accumulating N micro-batches of k pairs gives the same
+update as one batch of N * k pairs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import get_scheduler
+
+from preftune import models
+from preftune.config import TrainConfig
+from preftune.data.collate import collate_pairs
+from preftune.data.pipeline import prepare_data
+from preftune.data.report import DataReport
+from preftune.data.tokenize import TokenizedPair
+from preftune.evaluate import evaluate
+from preftune.forward import pair_forward
+from preftune.losses import LOSSES
+from preftune.metrics import MetricsLog, add_sums, averages, console_line, pair_sums
+from preftune.rundir import RunDir
+from preftune.samples import generate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_metrics: dict[str, float]
+    eval_metrics: dict[str, float]
+
+
+@functools.lru_cache(maxsize=4)
+def pair_order(num_pairs: int, seed: int, epoch: int, shuffle: bool) -> tuple[int, ...]:
+    """The order of pair indices in one epoch; seeded so a run can be repeated exactly."""
+    if not shuffle:
+        return tuple(range(num_pairs))
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return tuple(torch.randperm(num_pairs, generator=generator).tolist())
+
+
+def step_batches(cfg: TrainConfig, num_pairs: int, step: int) -> list[list[int]]:
+    """Pair indices of each micro-batch of optimizer step ``step`` (0-based)."""
+    per_step = cfg.batch_size * cfg.grad_accum
+    stream = range(step * per_step, (step + 1) * per_step)
+    indices = []
+    for position in stream:
+        epoch, offset = divmod(position, num_pairs)
+        indices.append(pair_order(num_pairs, cfg.seed, epoch, cfg.shuffle)[offset])
+    return [indices[i : i + cfg.batch_size] for i in range(0, per_step, cfg.batch_size)]
+
+
+def total_steps(cfg: TrainConfig, num_pairs: int) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * num_pairs / (cfg.batch_size * cfg.grad_accum)))
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run training as configured and return where the run was written."""
+    started = time.time()
+    run = RunDir.create(cfg.output, overwrite=cfg.overwrite)
+    cfg.output = str(run.path)
+    cfg.save(run.path / "config.yaml")
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    params = cfg.loss_params()
+    needs_reference = LOSSES[params.loss].needs_reference
+
+    # Models: the policy, and the reference as a frozen copy of it as loaded.
+    log.info("loading %s", cfg.model)
+    policy, tokenizer = models.load(
+        cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code
+    )
+    reference = models.frozen_copy(policy) if needs_reference else None
+    pad_id = tokenizer.pad_token_id
+
+    # Data: every dropped or altered record goes to data_report.json.
+    report = DataReport()
+    try:
+        train_pairs, eval_pairs = prepare_data(cfg, tokenizer, report)
+    finally:
+        report.write(run.path / "data_report.json")
+    log.info("data: %s", report.summary())
+    steps = total_steps(cfg, len(train_pairs))
+    sample_pairs = eval_pairs[: cfg.num_samples]
+    before = [generate(policy, tokenizer, p.prompt_ids, cfg.sample_max_new_tokens)
+              for p in sample_pairs]
+
+    optimizer = torch.optim.AdamW(
+        [p for p in policy.parameters() if p.requires_grad],
+        lr=cfg.lr, weight_decay=cfg.weight_decay,
+    )
+    scheduler = get_scheduler(
+        "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler,
+        optimizer,
+        num_warmup_steps=round(cfg.warmup_ratio * steps),
+        num_training_steps=steps,
+    )
+    metrics_log = MetricsLog(run.path)
+    progress = _progress(cfg, steps)
+    policy.train()
+    eval_result = None
+    try:
+        if eval_pairs:
+            # Step 0: where every held-out pair starts on the loss curve.
+            eval_result = _evaluate_and_log(cfg, run.path, metrics_log, progress, policy,
+                                            reference, eval_pairs, params, pad_id, 0, steps)
+        for step in range(steps):
+            values = train_step(cfg, policy, reference, optimizer, train_pairs, step, pad_id, params)
+            scheduler.step()
+            is_last = step + 1 == steps
+            if (step + 1) % cfg.log_every == 0 or is_last:
+                values["epoch"] = (step + 1) * cfg.batch_size * cfg.grad_accum / len(train_pairs)
+                metrics_log.write(step + 1, values)
+                progress.write(console_line(step + 1, steps, values))
+            progress.set_postfix(loss=f"{values['loss']:.4f}",
+                                 tok_s=f"{values['tokens_per_second']:.0f}")
+            progress.update(1)
+            if eval_pairs and (is_last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+                eval_result = _evaluate_and_log(cfg, run.path, metrics_log, progress, policy,
+                                                reference, eval_pairs, params, pad_id, step + 1,
+                                                steps)
+    finally:
+        progress.close()
+        metrics_log.close()
+
+    # Results: the trained model and the same prompts generated again.
+    after = [generate(policy, tokenizer, p.prompt_ids, cfg.sample_max_new_tokens)
+             for p in sample_pairs]
+    _write_samples(run.path, tokenizer, sample_pairs, before, after)
+    policy.save_pretrained(run.path / "model")
+    tokenizer.save_pretrained(run.path / "model")
+    summary = {
+        "steps": steps,
+        "train_pairs": len(train_pairs),
+        "eval_pairs": len(eval_pairs),
+        "wall_seconds": time.time() - started,
+        "final": values,
+        "eval": eval_result.metrics if eval_result else {},
+    }
+    (run.path / "summary.json").write_text(json.dumps(summary, indent=2))
+    return TrainResult(run.path, values, summary["eval"])
+
+
+def train_step(
+    cfg: TrainConfig,
+    policy: torch.nn.Module,
+    reference: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    pairs: list[TokenizedPair],
+    step: int,
+    pad_id: int,
+    params,
+) -> dict[str, float]:
+    """One optimizer step over ``grad_accum`` micro-batches; returns the step's metrics."""
+    started = time.perf_counter()
+    micro_batches = step_batches(cfg, len(pairs), step)
+    step_pairs = sum(len(m) for m in micro_batches)
+    totals: dict[str, torch.Tensor] = {}
+    num_tokens = 0
+    for indices in micro_batches:
+        batch = collate_pairs([pairs[i] for i in indices], pad_id)
+        num_tokens += batch.num_tokens
+
+        # Forward: policy over chosen and rejected stacked, reference without gradients.
+        out = pair_forward(policy, reference, batch, params)
+
+        # Loss: the sum over this micro-batch divided by the step's pairs, so accumulation
+        # reproduces the mean over the whole step.
+        (out.loss.losses.sum() / step_pairs).backward()
+        add_sums(totals, pair_sums(
+            out.loss.losses, out.loss.chosen_rewards, out.loss.rejected_rewards,
+            out.policy_chosen_logps, out.policy_rejected_logps, out.loss.components,
+        ))
+
+    # Step: clip, update, clear.
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
+    learning_rate = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    # Log: the only host synchronisation of the step.
+    values = averages(totals, step_pairs)
+    elapsed = time.perf_counter() - started
+    values.update(
+        grad_norm=float(grad_norm),
+        learning_rate=learning_rate,
+        tokens_per_second=num_tokens / elapsed,
+        pairs_per_second=step_pairs / elapsed,
+        step_seconds=elapsed,
+    )
+    return values
+
+
+def _evaluate_and_log(cfg, run_dir, metrics_log, progress, policy, reference, eval_pairs,
+                      params, pad_id, step, steps):
+    result = evaluate(policy, reference, eval_pairs, params, cfg.batch_size, pad_id)
+    metrics_log.write(step, {f"eval/{k}": v for k, v in result.metrics.items()})
+    _append_eval_pairs(run_dir, step, result.pairs)
+    progress.write(console_line(step, steps, result.metrics) + " (eval)")
+    return result
+
+
+def _progress(cfg: TrainConfig, steps: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=steps, desc="train", unit="step", disable=not cfg.progress, dynamic_ncols=True)
+
+
+def _append_eval_pairs(run_dir: Path, step: int, rows: list[dict]) -> None:
+    """Per-pair positions on the loss curve at each evaluation, for the run report."""
+    with (run_dir / "eval_pairs.jsonl").open("a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps({"step": step, **row}) + "\n")
+
+
+def _write_samples(run_dir, tokenizer, pairs, before, after) -> None:
+    with (run_dir / "samples.jsonl").open("w", encoding="utf-8") as f:
+        for pair, ref_ids, policy_ids in zip(pairs, before, after):
+            f.write(json.dumps({
+                "source": pair.source,
+                "record": pair.record,
+                "prompt": pair.prompt_text,
+                "reference": tokenizer.decode(ref_ids, skip_special_tokens=True),
+                "policy": tokenizer.decode(policy_ids, skip_special_tokens=True),
+            }) + "\n")

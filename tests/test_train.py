@@ -1,0 +1,158 @@
+"""The training loop: step-0 invariants, accumulation, the run directory and the CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from preftune import models
+from preftune.cli import main
+from preftune.config import TrainConfig
+from preftune.data.formats import PreferencePair
+from preftune.data.tokenize import PairTokenizer
+from preftune.train import step_batches, train_step
+
+TEXTS = [
+    ("\n\nHuman: How do I boil an egg?\n\nAssistant:", " Boil it for nine minutes.", " No."),
+    ("Q: colour?", " Red", " The quick brown fox jumps over the lazy dog."),
+    ("Q: a number?", " Seven", " I would rather not say."),
+    ("Q: a pet?", " A cat, since it is quiet.", " Dog"),
+]
+
+
+def _pairs(tokenizer):
+    pt = PairTokenizer(tokenizer, 128)
+    return [pt(PreferencePair(p, c, r, "mem", i))[0] for i, (p, c, r) in enumerate(TEXTS)]
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture()
+def pair_files(tmp_path):
+    rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in TEXTS]
+    train = _write_jsonl(tmp_path / "train.jsonl", rows * 3)
+    held = _write_jsonl(tmp_path / "eval.jsonl", rows[:2])
+    return train, held
+
+
+def test_first_step_loss_is_ln2_and_rewards_zero(tiny_llama):
+    """Policy equal to reference: every log-ratio is 0, so loss = -log sigmoid(0) = ln 2."""
+    policy, tok = tiny_llama
+    reference = models.frozen_copy(policy)
+    cfg = TrainConfig(batch_size=4, shuffle=False, max_grad_norm=0)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)
+    values = train_step(cfg, policy, reference, optimizer, _pairs(tok), 0,
+                        tok.pad_token_id, cfg.loss_params())
+    assert values["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert values["rewards/chosen"] == 0.0 and values["rewards/rejected"] == 0.0
+    assert values["rewards/accuracies"] == 0.5  # every pair is a tie; a tie counts one half
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
+def test_grad_accumulation_4x1_equals_1x4(tiny_llama, optimizer_name):
+    """Four micro-batches of one pair give the same loss and update as one batch of four."""
+    policy, tok = tiny_llama
+    pairs = _pairs(tok)
+    results = []
+    for batch_size, grad_accum in ((4, 1), (1, 4)):
+        model = copy.deepcopy(policy).train()
+        reference = models.frozen_copy(policy)
+        cfg = TrainConfig(batch_size=batch_size, grad_accum=grad_accum, shuffle=False)
+        # AdamW divides by sqrt(v): where a gradient is ~0 its step amplifies float noise,
+        # so it gets a smaller lr; SGD compares the gradients themselves.
+        if optimizer_name == "sgd":
+            optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+        else:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        values = []
+        for step in range(2):
+            values.append(train_step(cfg, model, reference, optimizer, pairs * 2, step,
+                                     tok.pad_token_id, cfg.loss_params()))
+        results.append((values, dict(model.named_parameters())))
+    (values_a, params_a), (values_b, params_b) = results
+    for a, b in zip(values_a, values_b):
+        for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    for name, value in params_a.items():
+        torch.testing.assert_close(value, params_b[name], rtol=1e-5, atol=1e-6)
+
+
+def test_step_batches_cover_each_epoch_once():
+    cfg = TrainConfig(batch_size=2, grad_accum=2, seed=3)
+    seen = [i for step in range(5) for micro in step_batches(cfg, 10, step) for i in micro]
+    assert sorted(seen[:10]) == list(range(10))
+    assert sorted(seen[10:20]) == list(range(10))
+    assert seen[:10] != seen[10:20]  # a new order each epoch
+
+
+def test_train_cli_writes_a_complete_run_directory(tmp_path, tiny_llama_folder, pair_files):
+    train_file, eval_file = pair_files
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"lr": 1e-3, "max_steps": 99, "batch_size": 2}))
+    out = tmp_path / "run"
+    code = main([
+        "train", "--config", str(config), "--model", str(tiny_llama_folder),
+        "--data", str(train_file), "--eval-data", str(eval_file), "--output", str(out),
+        "--max-steps", "3", "--eval-every", "2", "--num-samples", "1",
+        "--sample-max-new-tokens", "4", "--no-progress",
+    ])
+    assert code == 0
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["max_steps"] == 3  # the flag won over the file
+    assert resolved["lr"] == 1e-3 and resolved["batch_size"] == 2  # the file filled the rest
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "eval/loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3]
+    assert [r["step"] for r in eval_rows] == [0, 2, 3]
+    assert eval_rows[0]["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/rejected", "grad_norm", "learning_rate",
+                "tokens_per_second"):
+        assert key in train_rows[0]
+    assert all(0 <= r["eval/rewards/accuracies"] <= 1 for r in eval_rows)
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["num_read"] == 14 and report["num_dropped"] == 0
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 1 and set(samples[0]) >= {"prompt", "reference", "policy"}
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(out / "model")
+    original = AutoModelForCausalLM.from_pretrained(tiny_llama_folder)
+    changed = any(not torch.equal(a, b) for a, b in
+                  zip(trained.state_dict().values(), original.state_dict().values()))
+    assert changed
+
+
+def test_existing_run_directory_is_refused(tmp_path, tiny_llama_folder, pair_files, capsys):
+    train_file, _ = pair_files
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")
+    code = main(["train", "--model", str(tiny_llama_folder), "--data", str(train_file),
+                 "--output", str(out), "--max-steps", "1", "--no-progress"])
+    assert code == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == "{}\n"  # nothing the user had is lost
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--beta", "0", "--beta"),
+        ("--batch-size", "0", "--batch-size must be >= 1"),
+        ("--lr", "abc", "--lr expects float"),
+        ("--scheduler", "exp", "--scheduler must be one of"),
+    ],
+)
+def test_bad_flags_name_the_flag(flag, value, message, capsys):
+    assert main(["train", flag, value]) == 2
+    assert message in capsys.readouterr().err
