@@ -25,7 +25,8 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(BIN)/preftune train --config configs/demo.yaml --output runs/demo --overwrite
-	@echo "demo run: runs/demo"
+	$(BIN)/preftune report runs/demo
+	@echo "demo run: runs/demo; open runs/demo/report.html in a browser"
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -97,10 +97,10 @@ def test_soft_capped_model_falls_back_to_full_logits(tiny_llama):
 
     model.__class__ = Scaled
     assert not head_only_is_exact(model)
-    batch = collate_pairs(_pairs(tok, TEXTS[:1]), tok.pad_token_id)
+    (pair,) = _pairs(tok, TEXTS[:1])
     with torch.no_grad():
-        logps = sequence_logps(model, batch)
-        full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    token_logps = full[:, :-1].log_softmax(-1).gather(-1, batch.input_ids[:, 1:, None])[..., 0]
-    expected = (token_logps * batch.response_mask[:, 1:]).sum(-1)
-    torch.testing.assert_close(logps, expected, rtol=1e-5, atol=1e-5)
+        logps = sequence_logps(model, collate_pairs([pair], tok.pad_token_id))
+    # _manual_logps reads the subclass's own (halved) logits.
+    expected = [_manual_logps(model, list(pair.prompt_ids), list(ids))
+                for ids in (pair.chosen_ids, pair.rejected_ids)]
+    assert logps.tolist() == pytest.approx(expected, rel=1e-5, abs=1e-4)

@@ -56,6 +56,22 @@ def test_first_step_loss_is_ln2_and_rewards_zero(tiny_llama):
     assert values["rewards/accuracies"] == 0.5  # every pair is a tie; a tie counts one half
 
 
+def test_first_step_with_precomputed_reference_is_ln2_and_a_coin_flip(tiny_llama):
+    """Precomputed reference log-probs differ from the live ones by float noise only."""
+    from preftune.reference import attach_reference_logps
+
+    policy, tok = tiny_llama
+    (pairs,) = attach_reference_logps(models.frozen_copy(policy), [_pairs(tok)],
+                                      tok.pad_token_id, 3, use_cache=False)
+    cfg = TrainConfig(batch_size=4, shuffle=False)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)
+    values = train_step(cfg, policy, None, optimizer, pairs, 0, tok.pad_token_id,
+                        cfg.loss_params())
+    assert values["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert abs(values["rewards/chosen"]) < 1e-6 and abs(values["rewards/rejected"]) < 1e-6
+    assert values["rewards/accuracies"] == 0.5
+
+
 @pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
 def test_grad_accumulation_4x1_equals_1x4(tiny_llama, optimizer_name):
     """Four micro-batches of one pair give the same loss and update as one batch of four."""

@@ -33,13 +33,20 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = read_yaml(args.config) if args.config else {}
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values.update({k: v for k, v in vars(args).items() if k in names})
+    if values.get("resume"):
+        from preftune.checkpoint import resume_values
+
+        values = resume_values(values)  # the run's saved config under the values given now
     return build_config(values)
 
 
 def _train(args: argparse.Namespace) -> int:
+    from preftune.faults import output_errors
     from preftune.train import train
 
-    result = train(config_from_args(args))
+    cfg = config_from_args(args)
+    with output_errors(cfg):
+        result = train(cfg)
     print(f"run written to {result.run_dir}")
     return 0
 
@@ -55,9 +62,10 @@ def _register_train(subparsers) -> None:
 
 
 def _registrars() -> list[Callable]:
-    from preftune import calculator
+    from preftune import calculator, cli_inspect, report, validate
 
-    return [_register_train, calculator.register]
+    return [_register_train, calculator.register, cli_inspect.register, report.register,
+            validate.register]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -46,7 +46,9 @@ class TrainConfig:
         "otherwise --eval-fraction of the training pairs",
     )
     eval_split: str = _f("test", "split to read when --eval-data is a hub dataset")
-    eval_fraction: float = _f(0.05, "share of training pairs held out when --eval-data is unset")
+    eval_fraction: float = _f(
+        0.05, "share of training pairs held out when --eval-data is unset (0: no evaluation)"
+    )
     max_eval_pairs: int = _f(256, "at most this many held-out pairs are evaluated")
     limit: int | None = _f(None, "use only the first N usable training pairs (file order)")
     output: str | None = _f(None, "run directory (default: runs/<timestamp>)")
@@ -91,12 +93,49 @@ class TrainConfig:
     shuffle: bool = _f(True, "shuffle the training pairs every epoch")
     seed: int = _f(0, "seed for data order, held-out split and sampling")
 
+    # Speed: every switch is exact (same log-probs as the naive path), so all default to on.
+    prefix_sharing: bool = _f(
+        True, "score chosen and rejected in one row sharing the prompt (where the model allows)"
+    )
+    concat_forward: bool = _f(True, "one model call for chosen and rejected rows together")
+    head_only: bool = _f(
+        True, "vocabulary head and log-softmax on response positions only, in chunks"
+    )
+    precompute_reference: bool = _f(
+        True, "compute reference log-probs once before training (cached on disk), then free it"
+    )
+    group_by_length: bool = _f(
+        True, "batch pairs of similar length together within each epoch (less padding)"
+    )
+
     # What the user sees.
     log_every: int = _f(1, "write metrics every N steps")
     eval_every: int = _f(50, "evaluate on the held-out pairs every N steps (0: only at the end)")
     num_samples: int = _f(4, "held-out prompts generated before and after training (0: none)")
     sample_max_new_tokens: int = _f(64, "tokens generated per sample")
     progress: bool = _f(True, "show a progress bar")
+    report: bool = _f(
+        False, "write report.html and its figures into the run directory at the end "
+        "(the same as running `preftune report RUN_DIR`)"
+    )
+
+    # Checkpoints and faults.
+    save_every: int = _f(
+        100, "save a checkpoint every N steps (0: only after the last step and on Ctrl-C/SIGTERM)"
+    )
+    keep_checkpoints: int = _f(2, "keep the newest K checkpoints, delete older ones")
+    resume: str | None = _f(
+        None, "continue the run in this directory from its newest complete checkpoint"
+    )
+    allow_config_change: bool = _f(
+        False, "with --resume: accept a config that changes results (e.g. a new --lr)"
+    )
+    on_nan: str = _f(
+        "error",
+        "a NaN or inf loss or gradient norm: error stops the run; skip drops the batch (no "
+        "update) and counts it in skipped_batches",
+        ("error", "skip"),
+    )
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "max_length", "log_every"):
@@ -121,10 +160,16 @@ class TrainConfig:
             raise ConfigError(f"--max-steps must be >= 1, or -1 to use --epochs (got {self.max_steps})")
         if self.max_steps == -1 and not self.epochs > 0:
             raise ConfigError(f"--epochs must be > 0 (got {self.epochs})")
-        if not 0 < self.eval_fraction < 1:
-            raise ConfigError(f"--eval-fraction must be in (0, 1) (got {self.eval_fraction})")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"--eval-fraction must be in [0, 1) (got {self.eval_fraction})")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"--limit must be >= 1 (got {self.limit})")
+        if self.save_every < 0:
+            raise ConfigError(f"--save-every must be >= 0 (got {self.save_every})")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"--keep-checkpoints must be >= 1 (got {self.keep_checkpoints})")
+        if self.resume is not None and self.overwrite:
+            raise ConfigError("--overwrite cannot be combined with --resume")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -149,11 +194,24 @@ class TrainConfig:
         except ValueError as err:
             raise ConfigError(str(err)) from None
 
+    def step_options(self):
+        from preftune.forward import StepOptions
+
+        return StepOptions(self.concat_forward, self.head_only, self.prefix_sharing)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# Fields that never change what training computes: a resumed run may change them freely.
+RUN_ONLY_FIELDS = frozenset({
+    "output", "overwrite", "resume", "allow_config_change", "threads", "progress", "log_every",
+    "eval_every", "max_eval_pairs", "num_samples", "sample_max_new_tokens", "save_every",
+    "keep_checkpoints", "on_nan", "report",
+})
 
 
 def field_names() -> list[str]:

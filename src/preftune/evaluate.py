@@ -7,9 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from preftune.data.collate import collate_pairs
 from preftune.data.tokenize import TokenizedPair
-from preftune.forward import pair_forward
+from preftune.forward import StepOptions, pair_forward
 from preftune.losses import LossParams
 from preftune.metrics import add_sums, averages, pair_sums
 
@@ -28,6 +27,7 @@ def evaluate(
     batch_size: int,
     pad_id: int,
     progress: bool = False,
+    options: StepOptions = StepOptions(),
 ) -> EvalResult:
     """Loss and reward metrics of ``policy`` (against ``reference``) on ``pairs``."""
     was_training = policy.training
@@ -42,7 +42,7 @@ def evaluate(
     with torch.no_grad():
         for start in batches:
             chunk = pairs[start : start + batch_size]
-            out = pair_forward(policy, reference, collate_pairs(chunk, pad_id), params)
+            out = pair_forward(policy, reference, chunk, params, pad_id, options)
             add_sums(totals, pair_sums(
                 out.loss.losses, out.loss.chosen_rewards, out.loss.rejected_rewards,
                 out.policy_chosen_logps, out.policy_rejected_logps, out.loss.components,

@@ -1,6 +1,16 @@
-"""The DPO forward for one batch of pairs: log-probs of both models, then the loss.
+"""The DPO forward for a list of pairs: log-probs of both models, then the loss.
 
-Shared by training, evaluation and scoring so that there is one implementation of it.
+Shared by training, evaluation and scoring, so there is one implementation of it. How the
+pairs are laid out is a switchable choice (:class:`StepOptions`); every layout gives the
+same sequence log-probs (tests hold them to the naive path at 1e-5):
+
+- ``prefix_sharing``: one row ``[prompt][chosen][rejected]`` per pair, for models that pass
+  the self-check in :func:`preftune.logps.shared_prefix_is_exact`; else
+- ``concat_forward``: chosen and rejected rows stacked, one call per model; else
+- two calls per model, chosen rows then rejected rows (the naive layout).
+
+Reference log-probs come from the pairs themselves when they were precomputed
+(:mod:`preftune.reference`), else from the reference model without gradients.
 """
 
 from __future__ import annotations
@@ -10,9 +20,24 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from preftune.data.collate import PairBatch
-from preftune.logps import sequence_logps
+from preftune.data.collate import (
+    PairBatch,
+    collate_pairs,
+    collate_sequences,
+    collate_shared_prefix,
+)
+from preftune.data.tokenize import TokenizedPair
+from preftune.logps import head_only_is_exact, sequence_logps, shared_prefix_is_exact
 from preftune.losses import LossOutput, LossParams, compute_loss
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """How a step computes log-probs; each switch is exact, so all default to on."""
+
+    concat_forward: bool = True
+    head_only: bool = True
+    prefix_sharing: bool = True
 
 
 @dataclass
@@ -24,34 +49,59 @@ class PairForward:
     reference_rejected_logps: torch.Tensor | None
     chosen_lengths: torch.Tensor  # (B,)
     rejected_lengths: torch.Tensor  # (B,)
+    num_tokens: int  # real tokens of the pairs, as the stacked layout reads them
 
 
-def reference_logps(reference: nn.Module | None, batch: PairBatch) -> torch.Tensor | None:
-    """Reference log-probs of the 2B rows, without gradients; None without a reference."""
-    if reference is None:
-        return None
-    with torch.no_grad():
-        return sequence_logps(reference, batch)
+def layout(model: nn.Module, pairs: list[TokenizedPair], pad_id: int,
+           options: StepOptions) -> list[PairBatch]:
+    """Batches whose sequences, concatenated, are chosen (B) then rejected (B)."""
+    if options.prefix_sharing and shared_prefix_is_exact(model):
+        return [collate_shared_prefix(pairs, pad_id)]
+    if options.concat_forward:
+        return [collate_pairs(pairs, pad_id)]
+    prompts = [p.prompt_ids for p in pairs]
+    return [
+        collate_sequences(prompts, [p.chosen_ids for p in pairs], pad_id),
+        collate_sequences(prompts, [p.rejected_ids for p in pairs], pad_id),
+    ]
+
+
+def model_logps(model: nn.Module, batches: list[PairBatch], options: StepOptions) -> torch.Tensor:
+    """Sequence log-probs of ``model`` over ``batches``, concatenated. Shape: (2B,)."""
+    head_only = options.head_only and head_only_is_exact(model)
+    device = next(model.parameters()).device
+    return torch.cat([sequence_logps(model, b.to(device), head_only) for b in batches])
 
 
 def pair_forward(
-    policy: nn.Module, reference: nn.Module | None, batch: PairBatch, params: LossParams
+    policy: nn.Module,
+    reference: nn.Module | None,
+    pairs: list[TokenizedPair],
+    params: LossParams,
+    pad_id: int,
+    options: StepOptions = StepOptions(),
 ) -> PairForward:
-    """One policy pass over chosen and rejected stacked (2B rows), one reference pass."""
-    b = batch.num_pairs
-    policy_logps = sequence_logps(policy, batch)  # (2B,)
-    ref_logps = reference_logps(reference, batch)  # (2B,) or None
-    lengths = batch.lengths()  # (2B,)
-    ref_chosen, ref_rejected = (None, None) if ref_logps is None else (ref_logps[:b], ref_logps[b:])
+    """Policy log-probs (with gradients if enabled), reference log-probs, then the loss."""
+    b = len(pairs)
+    batches = layout(policy, pairs, pad_id, options)
+    policy_logps = model_logps(policy, batches, options)  # (2B,)
+    ref_logps = None
+    if all(p.reference_logps is not None for p in pairs):
+        ref_logps = torch.tensor([p.reference_logps[0] for p in pairs]
+                                 + [p.reference_logps[1] for p in pairs])
+    elif reference is not None:
+        with torch.no_grad():
+            ref_logps = model_logps(reference, batches, options)
+    lengths = torch.cat([batch.lengths() for batch in batches]).to(policy_logps.device)
+    ref_chosen = ref_rejected = None
+    if ref_logps is not None:
+        ref_logps = ref_logps.to(policy_logps.device)
+        ref_chosen, ref_rejected = ref_logps[:b], ref_logps[b:]
     loss = compute_loss(
-        params,
-        policy_logps[:b],
-        policy_logps[b:],
-        ref_chosen,
-        ref_rejected,
-        lengths[:b],
-        lengths[b:],
+        params, policy_logps[:b], policy_logps[b:], ref_chosen, ref_rejected,
+        lengths[:b], lengths[b:],
     )
     return PairForward(
-        loss, policy_logps[:b], policy_logps[b:], ref_chosen, ref_rejected, lengths[:b], lengths[b:]
+        loss, policy_logps[:b], policy_logps[b:], ref_chosen, ref_rejected,
+        lengths[:b], lengths[b:], sum(p.num_tokens for p in pairs),
     )

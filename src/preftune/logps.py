@@ -1,14 +1,17 @@
 """Sequence log-probs: the sum of response-token log-probs under a causal LM.
 
-Position t of a causal LM predicts token t + 1, so a response token at position t is scored
-by the hidden state at t - 1. Prompt and padding positions contribute nothing.
+Position t of a causal LM predicts token t + 1, so a response token is scored by the hidden
+state just before it (see the gather plan in :mod:`preftune.data.collate`). Prompt and
+padding positions contribute nothing.
 
-The default path runs the model body once, keeps the hidden states of the positions that
-predict response tokens, and applies the vocabulary head and log-softmax to those alone, in
-chunks: a (rows x length x vocab) logits tensor never exists. Models whose forward does more
-than ``head(body(x))`` (logit soft-capping or scaling, for instance) would be scored wrongly
-that way, so :func:`head_only_is_exact` checks each model once against its own full forward
-and the full-logits path is used where they differ.
+The default path runs the model body once, gathers the hidden states that predict response
+tokens, and applies the vocabulary head and log-softmax to those alone, in chunks, through
+:class:`ChunkedHeadLogps`: a (rows x length x vocab) logits tensor never exists, and the
+backward pass recomputes each chunk's logits instead of keeping them, so memory does not
+grow with the vocabulary. Models whose forward does more than ``head(body(x))`` (logit
+soft-capping or scaling, for instance) would be scored wrongly that way, so
+:func:`head_only_is_exact` checks each model once against its own full forward and the
+full-logits path is used where they differ.
 """
 
 from __future__ import annotations
@@ -28,18 +31,80 @@ log = logging.getLogger(__name__)
 
 HEAD_CHUNK_TOKENS = 1024
 _exactness: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_prefix_exactness: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def sequence_logps(model: nn.Module, batch: PairBatch, head_only: bool | None = None) -> torch.Tensor:
-    """Sum of response-token log-probs for each row of ``batch``.
+def sequence_logps(
+    model: nn.Module, batch: PairBatch, head_only: bool | None = None
+) -> torch.Tensor:
+    """Sum of response-token log-probs for each sequence of ``batch``.
 
     Returns:
-        Float32 tensor of shape (rows,), differentiable when grad is enabled.
+        Float32 tensor of shape (batch.num_sequences,), differentiable when grad is enabled.
     """
     if head_only is None:
         head_only = head_only_is_exact(model)
-    fn = _logps_head_only if head_only else _logps_full_logits
-    return fn(model, batch.input_ids, batch.attention_mask, batch.response_mask)
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+              "use_cache": False}
+    if batch.position_ids is not None:
+        inputs["position_ids"] = batch.position_ids
+    if head_only:
+        body, head = _body_and_head(model)
+        hidden = body(**inputs)[0]  # (N, T, H)
+        states = hidden.flatten(0, 1)[batch.predictors]  # (M, H)
+        token_logps = ChunkedHeadLogps.apply(states, head.weight, head.bias, batch.targets)
+    else:
+        # The obvious way: log-softmax over every position and the whole vocabulary.
+        logits = model(**inputs).logits  # (N, T, V)
+        logprobs = logits.float().log_softmax(-1).flatten(0, 1)  # (N * T, V)
+        token_logps = logprobs[batch.predictors, batch.targets]  # (M,)
+    out = torch.zeros(batch.num_sequences, dtype=torch.float32, device=token_logps.device)
+    return out.index_add(0, batch.sequences, token_logps)
+
+
+class ChunkedHeadLogps(torch.autograd.Function):
+    """log softmax(states @ W.T + b)[target], chunk by chunk, logits recomputed in backward.
+
+    Shapes: states (M, H), weight (V, H), bias (V,) or None, targets (M,) -> (M,) float32.
+    """
+
+    @staticmethod
+    def forward(ctx, states, weight, bias, targets):
+        dtype = _softmax_dtype(states)
+        out = torch.empty(states.shape[0], dtype=dtype, device=states.device)
+        for start in range(0, states.shape[0], HEAD_CHUNK_TOKENS):
+            rows = slice(start, start + HEAD_CHUNK_TOKENS)
+            logits = F.linear(states[rows], weight, bias).to(dtype)  # (chunk, V)
+            out[rows] = -F.cross_entropy(logits, targets[rows], reduction="none")
+        ctx.save_for_backward(states, weight, bias, targets)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        states, weight, bias, targets = ctx.saved_tensors
+        grad_states = torch.empty_like(states) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
+        for start in range(0, states.shape[0], HEAD_CHUNK_TOKENS):
+            rows = slice(start, start + HEAD_CHUNK_TOKENS)
+            logits = F.linear(states[rows], weight, bias).to(_softmax_dtype(states))  # (chunk, V)
+            # d/dlogits of log softmax(logits)[target] is onehot(target) - softmax(logits).
+            grad_logits = logits.softmax(-1).neg_()
+            grad_logits[torch.arange(len(grad_logits)), targets[rows]] += 1
+            grad_logits.mul_(grad_out[rows, None])
+            grad_logits = grad_logits.to(states.dtype)
+            if grad_states is not None:
+                grad_states[rows] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.T, states[rows])
+            if grad_bias is not None:
+                grad_bias.add_(grad_logits.sum(0))
+        return grad_states, grad_weight, grad_bias, None
+
+
+def _softmax_dtype(states: torch.Tensor) -> torch.dtype:
+    """Float32 at least, whatever the weights are (float64 stays float64)."""
+    return torch.float64 if states.dtype == torch.float64 else torch.float32
 
 
 def head_only_is_exact(model: nn.Module) -> bool:
@@ -48,26 +113,22 @@ def head_only_is_exact(model: nn.Module) -> bool:
         return _exactness[model]
     exact = False
     if _body_and_head(model) is not None:
-        ids = torch.arange(3, 11, device=_device(model)).unsqueeze(0)  # (1, 8)
-        mask = torch.ones_like(ids)
-        targets = torch.zeros_like(ids, dtype=torch.bool)
-        targets[:, 2:] = True
+        from preftune.data.collate import collate_sequences
+
+        batch = collate_sequences([(3, 4, 5)], [(6, 7, 8, 9, 10)], pad_id=0)
+        batch.to(next(model.parameters()).device)
         with torch.no_grad():
-            fast = _logps_head_only(model, ids, mask, targets)
-            full = _logps_full_logits(model, ids, mask, targets)
+            fast = sequence_logps(model, batch, head_only=True)
+            full = sequence_logps(model, batch, head_only=False)
         exact = bool(torch.allclose(fast, full, rtol=1e-4, atol=1e-4))
         if not exact:
-            log.warning("%s: the head-only fast path differs from the full forward; "
-                        "using full logits", type(model).__name__)
+            log.warning("%s: scoring response positions alone differs from the model's own "
+                        "forward; using full logits", type(model).__name__)
     _exactness[model] = exact
     return exact
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     get_decoder = getattr(model, "get_decoder", None)
     get_head = getattr(model, "get_output_embeddings", None)
     if get_decoder is None or get_head is None:
@@ -81,40 +142,29 @@ def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return body, head
 
 
-def _logps_head_only(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-    response_mask: torch.Tensor,
-) -> torch.Tensor:
-    body, head = _body_and_head(model)
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]  # (N, T, H)
-    target_mask = response_mask[:, 1:]  # (N, T-1): state t scores token t + 1
-    states = hidden[:, :-1][target_mask]  # (M, H)
-    targets = input_ids[:, 1:][target_mask]  # (M,)
-    token_logps = torch.cat(
-        [
-            _token_logps(head(chunk), chunk_targets)
-            for chunk, chunk_targets in zip(
-                states.split(HEAD_CHUNK_TOKENS), targets.split(HEAD_CHUNK_TOKENS)
-            )
-        ]
-    ) if len(targets) else states.new_zeros(0, dtype=torch.float32)
-    rows = target_mask.nonzero()[:, 0]  # (M,)
-    out = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
-    return out.index_add(0, rows, token_logps)
+def shared_prefix_is_exact(model: nn.Module) -> bool:
+    """Whether the model honours the prefix-shared layout's mask and positions (checked once).
 
+    Architectures that ignore a 4D attention mask or custom position ids would silently mix
+    the chosen response into the rejected one's context; they use the stacked layout.
+    """
+    if model in _prefix_exactness:
+        return _prefix_exactness[model]
+    from preftune.data.collate import collate_pairs, collate_shared_prefix
+    from preftune.data.tokenize import TokenizedPair
 
-def _logps_full_logits(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-    response_mask: torch.Tensor,
-) -> torch.Tensor:
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    target_mask = response_mask[:, 1:]  # (N, T-1)
-    token_logps = _token_logps(logits[:, :-1][target_mask], input_ids[:, 1:][target_mask])
-    rows = target_mask.nonzero()[:, 0]
-    out = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
-    return out.index_add(0, rows, token_logps)
-
-
-def _token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[target] in float32 whatever the weights' dtype. Shape: (M,)."""
-    return -F.cross_entropy(logits.float(), targets, reduction="none")
+    pair = TokenizedPair((3, 4, 5), (6, 7, 8), (9, 10, 11, 12), "self-check", 0, "")
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            shared = sequence_logps(model, collate_shared_prefix([pair], 0).to(device))
+            stacked = sequence_logps(model, collate_pairs([pair], 0).to(device))
+        exact = bool(torch.allclose(shared, stacked, rtol=1e-4, atol=1e-4))
+    except (RuntimeError, ValueError, TypeError) as err:
+        log.info("%s: no prefix sharing (%s)", type(model).__name__, err)
+        exact = False
+    if not exact:
+        log.warning("%s: the prefix-shared layout differs from separate sequences; "
+                    "using the stacked layout", type(model).__name__)
+    _prefix_exactness[model] = exact
+    return exact

@@ -5,8 +5,11 @@ Metric names follow what the field already charts: ``loss``, ``rewards/chosen``,
 ``logps/rejected``; evaluation metrics carry the prefix ``eval/``.
 
 ``rewards/accuracies`` counts a pair as 1 when its chosen reward is above its rejected
-reward, 0 when below, and 0.5 on an exact tie. With that rule a policy equal to its
-reference (every reward 0) scores 0.5, the accuracy of a coin flip, instead of 0.
+reward, 0 when below, and 0.5 on a tie: a reward margin within ``TIE_TOLERANCE`` of zero.
+With that rule a policy equal to its reference (every reward 0) scores 0.5, the accuracy of
+a coin flip, instead of 0. The tolerance absorbs float noise of recomputing the same
+log-probs in another batch layout (about 1e-6 nats), so such a policy scores 0.5 also when
+its reference log-probs were precomputed.
 """
 
 from __future__ import annotations
@@ -19,11 +22,14 @@ from typing import Any
 import torch
 
 
+TIE_TOLERANCE = 1e-5
+
+
 def reward_accuracies(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
     """Per-pair accuracy: 1 if chosen wins, 0.5 on a tie, 0 otherwise. Shape: (batch,)."""
-    return (chosen_rewards > rejected_rewards).float() + 0.5 * (
-        chosen_rewards == rejected_rewards
-    ).float()
+    margins = chosen_rewards - rejected_rewards
+    tie = margins.abs() <= TIE_TOLERANCE
+    return torch.where(tie, 0.5, (margins > 0).float())
 
 
 def pair_sums(

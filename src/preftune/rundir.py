@@ -39,3 +39,17 @@ class RunDir:
         if not os.access(path, os.W_OK):
             raise RunDirError(f"{path}: run directory is not writable")
         return cls(path)
+
+    @classmethod
+    def resume(cls, path: str | Path) -> RunDir:
+        """An existing run directory to continue, checked to be writable."""
+        path = Path(path)
+        if not path.is_dir():
+            raise RunDirError(f"--resume {path}: no such run directory")
+        try:
+            probe = path / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as err:
+            raise RunDirError(f"{path}: cannot write the run directory ({err.strerror})") from None
+        return cls(path)

@@ -32,3 +32,25 @@ def generate(
         )
     model.train(was_training)
     return tuple(out[0, len(prompt_ids) :].tolist())
+
+
+def sample_rewards(
+    policy: nn.Module, reference: nn.Module, prompt_ids: list[tuple[int, ...]],
+    responses: list[tuple[int, ...]], beta: float, pad_id: int,
+) -> list[float]:
+    """Implicit rewards beta * (log pi - log pi_ref) of generated responses.
+
+    ``prompt_ids`` repeats cyclically when there are more responses than prompts (for
+    example before-and-after generations of the same prompts).
+    """
+    from preftune.data.collate import collate_sequences
+    from preftune.logps import sequence_logps
+
+    prompts = [prompt_ids[i % len(prompt_ids)] for i in range(len(responses))]
+    # An empty generation still has a defined reward: score its end-of-sequence alone.
+    responses = [r if r else (pad_id,) for r in responses]
+    batch = collate_sequences(prompts, responses, pad_id)
+    with torch.no_grad():
+        policy_logps = sequence_logps(policy, batch.to(next(policy.parameters()).device))
+        reference_logps = sequence_logps(reference, batch.to(next(reference.parameters()).device))
+    return (beta * (policy_logps - reference_logps)).tolist()

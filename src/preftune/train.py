@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from transformers import get_scheduler
 
-from preftune import models
+from preftune import faults, models
+from preftune.checkpoint import Checkpoints
 from preftune.config import TrainConfig
-from preftune.data.collate import collate_pairs
 from preftune.data.pipeline import prepare_data
 from preftune.data.report import DataReport
 from preftune.data.tokenize import TokenizedPair
@@ -31,7 +31,9 @@ from preftune.forward import pair_forward
 from preftune.losses import LOSSES
 from preftune.metrics import MetricsLog, add_sums, averages, console_line, pair_sums
 from preftune.rundir import RunDir
-from preftune.samples import generate
+from preftune.reference import attach_reference_logps
+from preftune.samples import generate, sample_rewards
+from preftune.validate import problem_lines
 
 log = logging.getLogger(__name__)
 
@@ -44,23 +46,46 @@ class TrainResult:
 
 
 @functools.lru_cache(maxsize=4)
-def pair_order(num_pairs: int, seed: int, epoch: int, shuffle: bool) -> tuple[int, ...]:
-    """The order of pair indices in one epoch; seeded so a run can be repeated exactly."""
+def pair_order(num_pairs: int, seed: int, epoch: int, shuffle: bool,
+               lengths: tuple[int, ...] | None = None, batch_size: int = 1) -> tuple[int, ...]:
+    """The order of pair indices in one epoch; seeded so a run can be repeated exactly.
+
+    With ``lengths``, pairs of similar length are batched together: each window of 64
+    micro-batches of the shuffled order is sorted by length and cut into micro-batches, and
+    the micro-batches are shuffled. An epoch still holds every pair exactly once.
+    """
     if not shuffle:
         return tuple(range(num_pairs))
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return tuple(torch.randperm(num_pairs, generator=generator).tolist())
+    order = torch.randperm(num_pairs, generator=generator).tolist()
+    if lengths is None:
+        return tuple(order)
+    window = 64 * batch_size
+    micro_batches = []
+    for start in range(0, num_pairs, window):
+        chunk = sorted(order[start : start + window], key=lambda i: -lengths[i])
+        micro_batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    shuffled = torch.randperm(len(micro_batches), generator=generator).tolist()
+    return tuple(i for k in shuffled for i in micro_batches[k])
 
 
-def step_batches(cfg: TrainConfig, num_pairs: int, step: int) -> list[list[int]]:
+def step_batches(cfg: TrainConfig, num_pairs: int, step: int,
+                 lengths: tuple[int, ...] | None = None) -> list[list[int]]:
     """Pair indices of each micro-batch of optimizer step ``step`` (0-based)."""
     per_step = cfg.batch_size * cfg.grad_accum
-    stream = range(step * per_step, (step + 1) * per_step)
+    grouped = lengths if cfg.group_by_length else None
     indices = []
-    for position in stream:
+    for position in range(step * per_step, (step + 1) * per_step):
         epoch, offset = divmod(position, num_pairs)
-        indices.append(pair_order(num_pairs, cfg.seed, epoch, cfg.shuffle)[offset])
+        order = pair_order(num_pairs, cfg.seed, epoch, cfg.shuffle, grouped, cfg.batch_size)
+        indices.append(order[offset])
     return [indices[i : i + cfg.batch_size] for i in range(0, per_step, cfg.batch_size)]
+
+
+def batch_indices(cfg: TrainConfig, pairs: list[TokenizedPair], step: int) -> list[list[int]]:
+    """Indices into ``pairs`` of each micro-batch of optimizer step ``step`` (0-based)."""
+    lengths = tuple(p.num_tokens for p in pairs) if cfg.group_by_length else None
+    return step_batches(cfg, len(pairs), step, lengths)
 
 
 def total_steps(cfg: TrainConfig, num_pairs: int) -> int:
@@ -72,8 +97,14 @@ def total_steps(cfg: TrainConfig, num_pairs: int) -> int:
 def train(cfg: TrainConfig) -> TrainResult:
     """Run training as configured and return where the run was written."""
     started = time.time()
-    run = RunDir.create(cfg.output, overwrite=cfg.overwrite)
+    faults.preflight(cfg)  # a missing model or data file fails before anything is written
+    if cfg.resume:
+        run = RunDir.resume(cfg.resume)
+    else:
+        run = RunDir.create(cfg.output, overwrite=cfg.overwrite)
     cfg.output = str(run.path)
+    # On --resume: the newest complete checkpoint, and a refusal if the config changed.
+    checkpoints = Checkpoints(run.path, cfg)
     cfg.save(run.path / "config.yaml")
     torch.manual_seed(cfg.seed)
     if cfg.threads:
@@ -96,6 +127,17 @@ def train(cfg: TrainConfig) -> TrainResult:
     finally:
         report.write(run.path / "data_report.json")
     log.info("data: %s", report.summary())
+    for line in problem_lines(report, limit=10):
+        log.info("  %s", line)
+    if report.entries:
+        log.info("  every record dropped or altered is listed in %s", run.path / "data_report.json")
+    if reference is not None and cfg.precompute_reference:
+        # One reference pass (or a cache hit) now; the reference is then freed until the end.
+        train_pairs, eval_pairs = attach_reference_logps(
+            reference, [train_pairs, eval_pairs], pad_id, 2 * cfg.batch_size,
+            cfg.step_options(), progress=cfg.progress,
+        )
+        reference = None
     steps = total_steps(cfg, len(train_pairs))
     sample_pairs = eval_pairs[: cfg.num_samples]
     before = [generate(policy, tokenizer, p.prompt_ids, cfg.sample_max_new_tokens)
@@ -111,18 +153,26 @@ def train(cfg: TrainConfig) -> TrainResult:
         num_warmup_steps=round(cfg.warmup_ratio * steps),
         num_training_steps=steps,
     )
+    # Resume: weights, optimizer, schedule, random states and logs as of the checkpoint.
+    state = checkpoints.restore(policy, optimizer, scheduler, train_pairs, steps)
     metrics_log = MetricsLog(run.path)
-    progress = _progress(cfg, steps)
+    progress = _progress(cfg, steps, state.step)
     policy.train()
     eval_result = None
+    guard = faults.NanGuard(cfg.on_nan, checkpoints, state.skipped_batches)
+    hooks = faults.TestHooks.from_env(policy)
+    stop = faults.StopSignals().install()  # Ctrl-C or SIGTERM: finish the step, save, stop
     try:
-        if eval_pairs:
+        if eval_pairs and state.step == 0:
             # Step 0: where every held-out pair starts on the loss curve.
             eval_result = _evaluate_and_log(cfg, run.path, metrics_log, progress, policy,
                                             reference, eval_pairs, params, pad_id, 0, steps)
-        for step in range(steps):
+        for step in range(state.step, steps):
+            hooks.before_step(step + 1)
             values = train_step(cfg, policy, reference, optimizer, train_pairs, step, pad_id, params)
             scheduler.step()
+            guard.check(step + 1, values, lambda: [
+                train_pairs[i] for batch in batch_indices(cfg, train_pairs, step) for i in batch])
             is_last = step + 1 == steps
             if (step + 1) % cfg.log_every == 0 or is_last:
                 values["epoch"] = (step + 1) * cfg.batch_size * cfg.grad_accum / len(train_pairs)
@@ -135,14 +185,27 @@ def train(cfg: TrainConfig) -> TrainResult:
                 eval_result = _evaluate_and_log(cfg, run.path, metrics_log, progress, policy,
                                                 reference, eval_pairs, params, pad_id, step + 1,
                                                 steps)
+            if checkpoints.due(step + 1, steps) or stop.requested:
+                checkpoints.save(step + 1, policy, optimizer, scheduler, guard.skipped)
+            if stop.requested:
+                stop.stop(step + 1, run.path, checkpoints.newest)
     finally:
+        stop.restore()
         progress.close()
         metrics_log.close()
 
     # Results: the trained model and the same prompts generated again.
     after = [generate(policy, tokenizer, p.prompt_ids, cfg.sample_max_new_tokens)
              for p in sample_pairs]
-    _write_samples(run.path, tokenizer, sample_pairs, before, after)
+    if needs_reference and sample_pairs:
+        if reference is None:
+            reference = models.frozen_copy(models.load(cfg.model, dtype=cfg.dtype,
+                                                       trust_remote_code=cfg.trust_remote_code)[0])
+        rewards = sample_rewards(policy, reference, [p.prompt_ids for p in sample_pairs],
+                                 before + after, params.beta, pad_id)
+    else:
+        rewards = None
+    _write_samples(run.path, tokenizer, sample_pairs, before, after, rewards)
     policy.save_pretrained(run.path / "model")
     tokenizer.save_pretrained(run.path / "model")
     summary = {
@@ -154,6 +217,14 @@ def train(cfg: TrainConfig) -> TrainResult:
         "eval": eval_result.metrics if eval_result else {},
     }
     (run.path / "summary.json").write_text(json.dumps(summary, indent=2))
+    if cfg.report:
+        from preftune.report import write_report
+
+        try:
+            log.info("report: %s", write_report(run.path).html)
+        except Exception as err:  # the trained model is saved; a figure must not undo that
+            log.warning("the report could not be written (%s: %s); the run is complete, "
+                        "retry with `preftune report %s`", type(err).__name__, err, run.path)
     return TrainResult(run.path, values, summary["eval"])
 
 
@@ -169,16 +240,15 @@ def train_step(
 ) -> dict[str, float]:
     """One optimizer step over ``grad_accum`` micro-batches; returns the step's metrics."""
     started = time.perf_counter()
-    micro_batches = step_batches(cfg, len(pairs), step)
+    micro_batches = batch_indices(cfg, pairs, step)
     step_pairs = sum(len(m) for m in micro_batches)
     totals: dict[str, torch.Tensor] = {}
     num_tokens = 0
     for indices in micro_batches:
-        batch = collate_pairs([pairs[i] for i in indices], pad_id)
-        num_tokens += batch.num_tokens
-
-        # Forward: policy over chosen and rejected stacked, reference without gradients.
-        out = pair_forward(policy, reference, batch, params)
+        # Forward: policy over chosen and rejected together, reference without gradients.
+        out = pair_forward(policy, reference, [pairs[i] for i in indices], params, pad_id,
+                           cfg.step_options())
+        num_tokens += out.num_tokens
 
         # Loss: the sum over this micro-batch divided by the step's pairs, so accumulation
         # reproduces the mean over the whole step.
@@ -192,7 +262,10 @@ def train_step(
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
     learning_rate = optimizer.param_groups[0]["lr"]
-    optimizer.step()
+    # A NaN or inf loss or gradient is never applied (one host synchronisation); the loop
+    # then stops or skips the batch, as --on-nan says.
+    if faults.is_finite(totals["loss"], grad_norm):
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
     # Log: the only host synchronisation of the step.
@@ -210,17 +283,19 @@ def train_step(
 
 def _evaluate_and_log(cfg, run_dir, metrics_log, progress, policy, reference, eval_pairs,
                       params, pad_id, step, steps):
-    result = evaluate(policy, reference, eval_pairs, params, cfg.batch_size, pad_id)
+    result = evaluate(policy, reference, eval_pairs, params, cfg.batch_size, pad_id,
+                      options=cfg.step_options())
     metrics_log.write(step, {f"eval/{k}": v for k, v in result.metrics.items()})
     _append_eval_pairs(run_dir, step, result.pairs)
     progress.write(console_line(step, steps, result.metrics) + " (eval)")
     return result
 
 
-def _progress(cfg: TrainConfig, steps: int):
+def _progress(cfg: TrainConfig, steps: int, initial: int = 0):
     from tqdm.auto import tqdm
 
-    return tqdm(total=steps, desc="train", unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    return tqdm(total=steps, initial=initial, desc="train", unit="step",
+                disable=not cfg.progress, dynamic_ncols=True)
 
 
 def _append_eval_pairs(run_dir: Path, step: int, rows: list[dict]) -> None:
@@ -230,13 +305,18 @@ def _append_eval_pairs(run_dir: Path, step: int, rows: list[dict]) -> None:
             f.write(json.dumps({"step": step, **row}) + "\n")
 
 
-def _write_samples(run_dir, tokenizer, pairs, before, after) -> None:
+def _write_samples(run_dir, tokenizer, pairs, before, after, rewards) -> None:
+    """Before/after generations; rewards are the trained policy's implicit rewards."""
     with (run_dir / "samples.jsonl").open("w", encoding="utf-8") as f:
-        for pair, ref_ids, policy_ids in zip(pairs, before, after):
-            f.write(json.dumps({
+        for i, (pair, ref_ids, policy_ids) in enumerate(zip(pairs, before, after)):
+            row = {
                 "source": pair.source,
                 "record": pair.record,
                 "prompt": pair.prompt_text,
                 "reference": tokenizer.decode(ref_ids, skip_special_tokens=True),
                 "policy": tokenizer.decode(policy_ids, skip_special_tokens=True),
-            }) + "\n")
+            }
+            if rewards is not None:
+                row["reference_reward"] = rewards[i]
+                row["policy_reward"] = rewards[len(pairs) + i]
+            f.write(json.dumps(row) + "\n")

@@ -1,8 +1,19 @@
-"""Batching tokenized pairs for one forward pass over chosen and rejected together.
+"""Batching tokenized pairs into model inputs plus a plan of which log-probs to gather.
 
-A batch of B pairs becomes 2B rows: rows 0..B-1 are ``prompt + chosen`` and rows B..2B-1
-are ``prompt + rejected``, right-padded to the longest row. ``response_mask`` marks the
-response tokens, the only ones whose log-probs count.
+Two layouts give the same sequence log-probs:
+
+- **stacked** (:func:`collate_pairs`): B pairs become 2B rows, ``prompt + chosen`` for each
+  pair and then ``prompt + rejected``, right-padded to the longest row.
+- **prefix-shared** (:func:`collate_shared_prefix`): each pair is one row
+  ``[prompt][chosen][rejected]``. Position ids restart at the prompt's end for the rejected
+  tokens, and a (B, 1, T, T) mask lets rejected tokens see the prompt but not the chosen
+  ones, so the row computes exactly what the two stacked rows compute while the prompt is
+  run once instead of twice.
+
+Either way the batch carries a gather plan: for each response token, the flat index of the
+hidden state that predicts it (``predictors``), its id (``targets``) and the sequence it
+belongs to (``sequences``: 0..B-1 chosen, B..2B-1 rejected). A response's first token is
+predicted by the prompt's last position, also when the response is the rejected one.
 """
 
 from __future__ import annotations
@@ -18,23 +29,55 @@ if TYPE_CHECKING:
 
 @dataclass
 class PairBatch:
-    input_ids: torch.Tensor  # (2B, T)
-    attention_mask: torch.Tensor  # (2B, T), 1 on real tokens
-    response_mask: torch.Tensor  # (2B, T), 1 on response tokens
-    num_pairs: int
+    input_ids: torch.Tensor  # (N, T)
+    attention_mask: torch.Tensor  # (N, T) 1 on real tokens, or (N, 1, T, T) bool for shared prefix
+    position_ids: torch.Tensor | None  # (N, T), None for the model's default positions
+    predictors: torch.Tensor  # (M,) flat index into N * T of the state predicting each target
+    targets: torch.Tensor  # (M,) token ids of every response token
+    sequences: torch.Tensor  # (M,) which scored sequence each target belongs to
+    num_sequences: int  # 2B for pairs (chosen then rejected), or the number of sequences
+    num_pairs: int  # B, or 0 for single sequences
+    num_tokens: int  # real tokens as a model reading each sequence whole would see them
 
-    @property
-    def num_tokens(self) -> int:
-        """Real (non-pad) tokens in the batch."""
-        return int(self.attention_mask.sum())
+    def to(self, device: torch.device | str) -> PairBatch:
+        """Move every tensor to ``device`` (in place); returns the batch."""
+        for name in ("input_ids", "attention_mask", "position_ids", "predictors", "targets",
+                     "sequences"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
+        return self
 
     def lengths(self) -> torch.Tensor:
-        """Response token counts, shape (2B,)."""
-        return self.response_mask.sum(dim=1)
+        """Response token counts per scored sequence. Shape: (num_sequences,)."""
+        return torch.bincount(self.sequences, minlength=self.num_sequences)
+
+
+def collate_sequences(
+    prompt_ids: list[tuple[int, ...]], response_ids: list[tuple[int, ...]], pad_id: int
+) -> PairBatch:
+    """One right-padded row per (prompt, response); sequence i is row i."""
+    rows = [p + r for p, r in zip(prompt_ids, response_ids)]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    predictors, sequences = [], []
+    for i, (row, prompt) in enumerate(zip(rows, prompt_ids)):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention_mask[i, : len(row)] = 1
+        positions = range(len(prompt) - 1, len(row) - 1)  # the state before each response token
+        predictors.extend(i * width + t for t in positions)
+        sequences.extend([i] * len(positions))
+    flat = input_ids.flatten()
+    predictors_t = torch.tensor(predictors, dtype=torch.long)
+    return PairBatch(
+        input_ids, attention_mask, None, predictors_t, flat[predictors_t + 1],
+        torch.tensor(sequences, dtype=torch.long), len(rows), 0, sum(len(r) for r in rows),
+    )
 
 
 def collate_pairs(pairs: list[TokenizedPair], pad_id: int) -> PairBatch:
-    """Rows ``prompt + chosen`` for every pair, then ``prompt + rejected``."""
+    """Stacked layout: rows ``prompt + chosen`` for every pair, then ``prompt + rejected``."""
     prompts = [p.prompt_ids for p in pairs] * 2
     responses = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
     batch = collate_sequences(prompts, responses, pad_id)
@@ -42,17 +85,48 @@ def collate_pairs(pairs: list[TokenizedPair], pad_id: int) -> PairBatch:
     return batch
 
 
-def collate_sequences(
-    prompt_ids: list[tuple[int, ...]], response_ids: list[tuple[int, ...]], pad_id: int
-) -> PairBatch:
-    """Batch (prompt, response) sequences, right-padded; ``num_pairs`` is 0."""
-    rows = [p + r for p, r in zip(prompt_ids, response_ids)]
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    response_mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, (row, prompt) in enumerate(zip(rows, prompt_ids)):
-        input_ids[i, : len(row)] = torch.tensor(row)
-        attention_mask[i, : len(row)] = 1
-        response_mask[i, len(prompt) : len(row)] = True
-    return PairBatch(input_ids, attention_mask, response_mask, 0)
+def collate_shared_prefix(pairs: list[TokenizedPair], pad_id: int) -> PairBatch:
+    """Prefix-shared layout: one row ``[prompt][chosen][rejected]`` per pair."""
+    b = len(pairs)
+    width = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((b, width), dtype=torch.long)
+    # Padding queries attend to themselves only, so no row of the mask is empty (an empty
+    # row would make attention's softmax NaN); their outputs are never gathered.
+    allowed = torch.eye(width, dtype=torch.bool).repeat(b, 1, 1)  # (B, T, T)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    predictors = {0: [], 1: []}  # chosen, rejected
+    sequences = {0: [], 1: []}
+    for i, pair in enumerate(pairs):
+        p, c, r = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
+        n = p + c + r
+        input_ids[i, :n] = torch.tensor(pair.prompt_ids + pair.chosen_ids + pair.rejected_ids)
+        position_ids[i, : p + c] = torch.arange(p + c)
+        position_ids[i, p + c : n] = torch.arange(p, p + r)
+        allowed[i, :n, :n] = causal[:n, :n]
+        allowed[i, p + c : n, p : p + c] = False  # rejected tokens never see the chosen ones
+        # Chosen token k (row position p + k) is predicted by position p + k - 1; rejected
+        # token k (row position p + c + k) by p - 1 for k = 0, else by p + c + k - 1.
+        predictors[0].extend(i * width + t for t in range(p - 1, p + c - 1))
+        predictors[1].extend(i * width + t for t in [p - 1, *range(p + c, n - 1)])
+        sequences[0].extend([i] * c)
+        sequences[1].extend([b + i] * r)
+    target_positions = {
+        0: [i * width + t for i, pair in enumerate(pairs) for t in _span(pair, "chosen")],
+        1: [i * width + t for i, pair in enumerate(pairs) for t in _span(pair, "rejected")],
+    }
+    flat = input_ids.flatten()
+    predictors_t = torch.tensor(predictors[0] + predictors[1], dtype=torch.long)
+    targets = flat[torch.tensor(target_positions[0] + target_positions[1], dtype=torch.long)]
+    return PairBatch(
+        input_ids, allowed.unsqueeze(1), position_ids, predictors_t, targets,
+        torch.tensor(sequences[0] + sequences[1], dtype=torch.long), 2 * b, b,
+        sum(p.num_tokens for p in pairs),
+    )
+
+
+def _span(pair: TokenizedPair, which: str) -> range:
+    p, c = len(pair.prompt_ids), len(pair.chosen_ids)
+    if which == "chosen":
+        return range(p, p + c)
+    return range(p + c, p + c + len(pair.rejected_ids))

@@ -37,6 +37,8 @@ def prepare_data(
             resolve_data(eval_spec, "eval"), split=cfg.eval_split, report=report,
             on_bad_record=cfg.on_bad_record,
         )
+    elif cfg.eval_fraction == 0:
+        eval_pairs = []
     else:
         # Hold out a seeded random share; the rest stays in file order for training.
         n_eval = max(1, round(cfg.eval_fraction * len(train_pairs)))

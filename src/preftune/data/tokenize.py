@@ -31,6 +31,9 @@ class TokenizedPair:
     source: str
     record: int
     prompt_text: str  # as rendered, for generating samples from the same prompt
+    # (chosen, rejected) reference log-probs when precomputed; travels with the pair so that
+    # shuffling and epochs cannot misalign them.
+    reference_logps: tuple[float, float] | None = None
 
     @property
     def num_tokens(self) -> int:

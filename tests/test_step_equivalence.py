@@ -1,0 +1,129 @@
+"""Every speed option gives the naive path's log-probs, loss and gradients.
+
+The naive path is the obvious implementation: chosen and rejected in separate model calls,
+log-softmax over every position and the whole vocabulary, a reference pass every step.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from preftune import models, reference
+from preftune.data.formats import PreferencePair
+from preftune.data.tokenize import PairTokenizer
+from preftune.forward import StepOptions, pair_forward
+from preftune.losses import LossParams
+from preftune.logps import ChunkedHeadLogps, shared_prefix_is_exact
+
+NAIVE = StepOptions(concat_forward=False, head_only=False, prefix_sharing=False)
+VARIANTS = {
+    "concat": StepOptions(concat_forward=True, head_only=False, prefix_sharing=False),
+    "head_only": StepOptions(concat_forward=False, head_only=True, prefix_sharing=False),
+    "prefix_sharing": StepOptions(concat_forward=False, head_only=False, prefix_sharing=True),
+    "all": StepOptions(),
+}
+
+# Chosen and rejected of different lengths, a single-token response, a long prompt that
+# max_length cuts from the left.
+TEXTS = [
+    ("\n\nHuman: How do I boil an egg?\n\nAssistant:", " Boil it for nine minutes.", " No."),
+    ("Q: colour?", " Red", " The quick brown fox jumps over the lazy dog, twice."),
+    ("Q: yes or no?", "", " No"),
+    ("A very long prompt about preference pairs and their two responses. " * 6, " Yes", " No"),
+]
+
+
+def _pairs(tokenizer, max_length=48):
+    pt = PairTokenizer(tokenizer, max_length)
+    pairs = [pt(PreferencePair(p, c, r, "mem", i))[0] for i, (p, c, r) in enumerate(TEXTS)]
+    assert len(pairs[2].chosen_ids) == 1  # the empty text became EOS alone: one token
+    return pairs
+
+
+@pytest.fixture(params=["tiny_llama_folder", "gpt2_folder"])
+def model_and_pairs(request):
+    model, tok = models.load(str(request.getfixturevalue(request.param)))
+    pairs = _pairs(tok)
+    assert PairTokenizer(tok, 48)(PreferencePair(*TEXTS[3], "mem", 3))[1] > 0  # left-truncated
+    return model, tok, pairs
+
+
+def _step(model, ref, pairs, pad_id, options):
+    policy = copy.deepcopy(model).train()
+    out = pair_forward(policy, ref, pairs, LossParams(beta=0.1), pad_id, options)
+    out.loss.losses.mean().backward()
+    grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_option_matches_naive_logps_loss_and_gradients(model_and_pairs, variant):
+    model, tok, pairs = model_and_pairs
+    # A reference that differs from the policy, so the loss is not at its ln 2 start.
+    ref = models.frozen_copy(model)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    naive, naive_grads = _step(model, ref, pairs, tok.pad_token_id, NAIVE)
+    fast, fast_grads = _step(model, ref, pairs, tok.pad_token_id, VARIANTS[variant])
+    for name in ("policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps",
+                 "reference_rejected_logps"):
+        torch.testing.assert_close(getattr(fast, name), getattr(naive, name),
+                                   rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.loss.losses, naive.loss.losses, rtol=1e-4, atol=1e-6)
+    assert fast_grads.keys() == naive_grads.keys()
+    for name, grad in naive_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_prefix_sharing_is_used_for_llama_and_gpt2(model_and_pairs):
+    model, _, _ = model_and_pairs
+    assert shared_prefix_is_exact(model)
+
+
+def test_chunked_head_gradients_match_autograd():
+    torch.manual_seed(0)
+    states = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(11, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 11, (7,))
+    assert torch.autograd.gradcheck(ChunkedHeadLogps.apply, (states, weight, bias, targets))
+
+
+def test_precomputed_reference_logps_equal_live_reference(model_and_pairs):
+    model, tok, pairs = model_and_pairs
+    ref = models.frozen_copy(model)
+    (with_ref,) = reference.attach_reference_logps(ref, [pairs], tok.pad_token_id, 2,
+                                                   use_cache=False)
+    live = pair_forward(model, ref, pairs, LossParams(), tok.pad_token_id)
+    cached = pair_forward(model, None, with_ref, LossParams(), tok.pad_token_id)
+    torch.testing.assert_close(cached.reference_chosen_logps, live.reference_chosen_logps,
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached.loss.losses, live.loss.losses, rtol=1e-5, atol=1e-6)
+
+
+def test_reference_cache_key_changes_with_weights_data_and_tokenization(tiny_llama, tmp_path,
+                                                                       monkeypatch):
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path))
+    model, tok = tiny_llama
+    pairs = _pairs(tok)
+    digest = reference.weights_digest(model)
+    key = reference.cache_key(digest, pairs)
+    assert reference.cache_key(digest, pairs) == key  # deterministic
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        next(changed.parameters())[0, 0] += 1e-3
+    assert reference.cache_key(reference.weights_digest(changed), pairs) != key  # weights
+    assert reference.cache_key(digest, pairs[:-1]) != key  # data
+    assert reference.cache_key(digest, _pairs(tok, max_length=40)) != key  # tokenization
+    # A second attach reads the cache file instead of running the model.
+    reference.attach_reference_logps(model, [pairs], tok.pad_token_id, 2)
+    files = list((tmp_path / "reference_logps").iterdir())
+    assert [f.name for f in files] == [f"{key}.safetensors"]
+    monkeypatch.setattr(reference, "compute_reference_logps",
+                        lambda *a, **k: pytest.fail("cache was not used"))
+    (again,) = reference.attach_reference_logps(model, [pairs], tok.pad_token_id, 2)
+    assert all(p.reference_logps is not None for p in again)
