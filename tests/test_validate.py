@@ -136,7 +136,7 @@ TOKEN_PROBLEMS = [
     (
         "Too long even after truncation",
         json.dumps({"prompt": "Q", "chosen": TOO_LONG, "rejected": "No."}).encode(),
-        "too long: a response of 22 tokens leaves no room for the prompt within --max-length 16",
+        "too long: a response leaves no room for the prompt within --max-length 16",
         "dropped",
     ),
     (

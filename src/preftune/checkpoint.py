@@ -3,7 +3,8 @@
 A checkpoint is a folder ``RUN_DIR/checkpoints/step-N/`` holding everything that step N
 of the run depends on:
 
-- ``model.safetensors``: the policy weights;
+- ``model.safetensors``: the policy weights (for a LoRA policy, the adapter weights alone:
+  the base never changes and is loaded from ``--model``);
 - ``optimizer.pt``: optimizer and learning-rate scheduler state (tensors and numbers only);
 - ``rng.json``: the torch, Python and NumPy random states;
 - ``trainer_state.json``: the step, skipped batches, a fingerprint of the training pairs
@@ -24,6 +25,10 @@ its files is never loaded.
 
 Loading never runs code from a checkpoint: weights come through safetensors, the optimizer
 state through ``torch.load(weights_only=True)``, the rest is JSON and safe YAML.
+
+Under several data-parallel processes the weights and optimizer state are the same in every
+process: process 0 writes checkpoints, every process loads the same one, and process 0 alone
+puts the run's logs back as they were.
 """
 
 from __future__ import annotations
@@ -81,10 +86,11 @@ class Checkpoints:
     results is refused unless ``cfg.allow_config_change``.
     """
 
-    def __init__(self, run_dir: Path, cfg: TrainConfig) -> None:
+    def __init__(self, run_dir: Path, cfg: TrainConfig, writer: bool = True) -> None:
         self.root = Path(run_dir) / FOLDER
         self.run_dir = Path(run_dir)
         self.cfg = cfg
+        self.writer = writer  # False in processes other than 0: they read, never write
         self.newest: Path | None = None  # the newest complete checkpoint on disk
         self._fingerprint = ""
         self._num_pairs = 0
@@ -153,12 +159,7 @@ class Checkpoints:
         ]
         fresh_base_lrs = list(scheduler.base_lrs)
         try:
-            safetensors.torch.load_model(
-                policy,
-                folder / "model.safetensors",
-                strict=True,
-                device=str(next(policy.parameters()).device),
-            )
+            _load_weights(policy, folder / "model.safetensors")
             trainer = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")
             optimizer.load_state_dict(trainer["optimizer"])
             scheduler.load_state_dict(trainer["scheduler"])
@@ -167,6 +168,8 @@ class Checkpoints:
             raise CheckpointError(f"{folder}: cannot be loaded ({err})") from err
         if self._config_changed:
             _apply_new_hyperparameters(optimizer, scheduler, fresh_groups, fresh_base_lrs)
+        if not self.writer:
+            return state
 
         # The run's logs: rows written after the checkpoint move aside; the rest stays.
         moved = _restore_log(self.run_dir / METRICS_FILE, (folder / METRICS_FILE).read_bytes())
@@ -202,7 +205,7 @@ class Checkpoints:
         target = self.root / f"step-{step}"
         staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}step-{step}-", dir=self.root))
         try:
-            safetensors.torch.save_model(policy, str(staging / "model.safetensors"))
+            _save_weights(policy, staging / "model.safetensors")
             _fsync_file(staging / "model.safetensors")
             signal_during_save(step)
             with open(staging / "optimizer.pt", "wb") as f:
@@ -284,6 +287,27 @@ def _apply_new_hyperparameters(
     for group, base_lr, factor in zip(optimizer.param_groups, base_lrs, scheduler.lr_lambdas):
         group["lr"] = base_lr * factor(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def _save_weights(policy: torch.nn.Module, path: Path) -> None:
+    from preftune import lora
+
+    if lora.is_lora(policy):
+        safetensors.torch.save_file(
+            {k: v.contiguous() for k, v in lora.trainable_state(policy).items()}, str(path)
+        )
+    else:
+        safetensors.torch.save_model(policy, str(path))
+
+
+def _load_weights(policy: torch.nn.Module, path: Path) -> None:
+    from preftune import lora
+
+    device = str(next(policy.parameters()).device)
+    if lora.is_lora(policy):
+        lora.load_trainable_state(policy, safetensors.torch.load_file(path, device=device))
+    else:
+        safetensors.torch.load_model(policy, path, strict=True, device=device)
 
 
 # Finding checkpoints

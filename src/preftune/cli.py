@@ -41,13 +41,18 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from preftune.faults import output_errors
+    from preftune import distributed
+    from preftune.faults import output_errors, preflight
     from preftune.train import train
 
     cfg = config_from_args(args)
+    if cfg.num_processes > 1 and not distributed.launched():
+        preflight(cfg)  # fail here once rather than in every process
+        return distributed.relaunch(cfg.num_processes, args.argv)
     with output_errors(cfg):
         result = train(cfg)
-    print(f"run written to {result.run_dir}")
+    if distributed.is_main_process():
+        print(f"run written to {result.run_dir}")
     return 0
 
 
@@ -85,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # to start more processes
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

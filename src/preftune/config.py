@@ -54,8 +54,17 @@ class TrainConfig:
     output: str | None = _f(None, "run directory (default: runs/<timestamp>)")
     overwrite: bool = _f(False, "replace an existing run directory")
     trust_remote_code: bool = _f(False, "allow model code from the hub to run (off by default)")
-    dtype: str = _f("float32", "weight dtype", ("float32", "bfloat16"))
+    dtype: str = _f(
+        "float32", "weight dtype (float16 is refused: DPO's log-prob sums overflow its range)",
+        ("float32", "bfloat16"),
+    )
     threads: int = _f(0, "CPU threads for torch (0: torch's default)")
+    device: str = _f(
+        "auto",
+        "where to train: auto is cuda when available, else cpu; under a launcher each "
+        "process takes its own GPU, or stays on CPU with cpu",
+        ("auto", "cpu", "cuda"),
+    )
 
     # Tokenization.
     max_length: int = _f(512, "longest prompt + response in tokens; prompts are cut from the left")
@@ -86,12 +95,45 @@ class TrainConfig:
     )
     warmup_ratio: float = _f(0.1, "share of the steps spent warming the learning rate up")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
-    batch_size: int = _f(4, "pairs per micro-batch")
+    batch_size: int = _f(4, "pairs per micro-batch in each process")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     max_steps: int = _f(-1, "optimizer steps (-1: run --epochs)")
     epochs: float = _f(1.0, "passes over the training pairs when --max-steps is -1")
     shuffle: bool = _f(True, "shuffle the training pairs every epoch")
     seed: int = _f(0, "seed for data order, held-out split and sampling")
+
+    # Parameter-efficient training: LoRA adapters (peft); the reference is the same model with
+    # its adapters off, so the base weights are held once.
+    lora: bool = _f(False, "train LoRA adapters instead of every weight")
+    lora_r: int = _f(16, "LoRA rank")
+    lora_alpha: float = _f(32.0, "LoRA scale numerator: updates are scaled by alpha / r")
+    lora_dropout: float = _f(
+        0.0, "dropout on the LoRA input, [0, 1); 0 because DPO compares log-probs of two passes"
+    )
+    lora_target_modules: str = _f(
+        "auto",
+        "comma-separated module names to adapt; auto: every attention and MLP projection of "
+        "Llama-family and GPT-2 models, peft's defaults for other architectures; all-linear: "
+        "every linear layer but the output head",
+    )
+    merge: bool = _f(
+        False, "with --lora: also write the adapter merged into the base as RUN/model-merged"
+    )
+
+    # Precision and memory.
+    autocast: bool = _f(
+        False, "run forward passes under torch.autocast in bfloat16 (log-softmax and the loss "
+        "stay float32)"
+    )
+    gradient_checkpointing: bool = _f(
+        False, "recompute activations in the backward pass: less memory, same gradients"
+    )
+
+    # Scaling out: data-parallel processes (see docs/scaling.md).
+    num_processes: int = _f(
+        1, "data-parallel processes; above 1 preftune starts them itself (torch.distributed, "
+        "on 127.0.0.1); under `accelerate launch` it is the launcher's process count"
+    )
 
     # Speed: every switch is exact (same log-probs as the naive path), so all default to on.
     prefix_sharing: bool = _f(
@@ -138,7 +180,14 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum", "max_length", "log_every"):
+        if self.dtype == "float16":
+            raise ConfigError(
+                "--dtype float16 is not supported: sequence log-probs and their gradients "
+                "overflow float16's range and turn into NaN without loss scaling; use "
+                "--dtype bfloat16, or float32 weights with --autocast"
+            )
+        for name in ("batch_size", "grad_accum", "max_length", "log_every", "lora_r",
+                     "num_processes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_flag(name)} must be >= 1 (got {getattr(self, name)})")
         for name in ("eval_every", "num_samples", "threads", "max_eval_pairs"):
@@ -168,6 +217,14 @@ class TrainConfig:
             raise ConfigError(f"--save-every must be >= 0 (got {self.save_every})")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"--keep-checkpoints must be >= 1 (got {self.keep_checkpoints})")
+        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise ConfigError(f"--lora-alpha must be a finite number > 0 (got {self.lora_alpha})")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"--lora-dropout must be in [0, 1) (got {self.lora_dropout})")
+        if not self.lora_target_modules_list():
+            raise ConfigError("--lora-target-modules must name at least one module (or auto)")
+        if self.merge and not self.lora:
+            raise ConfigError("--merge needs --lora (a full fine-tune is saved merged already)")
         if self.resume is not None and self.overwrite:
             raise ConfigError("--overwrite cannot be combined with --resume")
         for f in dataclasses.fields(self):
@@ -197,7 +254,12 @@ class TrainConfig:
     def step_options(self):
         from preftune.forward import StepOptions
 
-        return StepOptions(self.concat_forward, self.head_only, self.prefix_sharing)
+        return StepOptions(self.concat_forward, self.head_only, self.prefix_sharing,
+                           self.autocast)
+
+    def lora_target_modules_list(self) -> list[str]:
+        """``--lora-target-modules`` split at commas, blanks removed."""
+        return [name.strip() for name in self.lora_target_modules.split(",") if name.strip()]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -210,7 +272,7 @@ class TrainConfig:
 RUN_ONLY_FIELDS = frozenset({
     "output", "overwrite", "resume", "allow_config_change", "threads", "progress", "log_every",
     "eval_every", "max_eval_pairs", "num_samples", "sample_max_new_tokens", "save_every",
-    "keep_checkpoints", "on_nan", "report",
+    "keep_checkpoints", "on_nan", "report", "merge",
 })
 
 

@@ -1,4 +1,9 @@
-"""Held-out evaluation: the loss and reward metrics over a set of pairs, plus per-pair rows."""
+"""Held-out evaluation: the loss and reward metrics over a set of pairs, plus per-pair rows.
+
+Under several processes each evaluates an equal share of the pairs (the last share padded
+with repeats that are computed but not counted, so every process makes the same calls); the
+sums are added over processes and the rows gathered in pair order.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import torch
 from torch import nn
 
 from preftune.data.tokenize import TokenizedPair
+from preftune.distributed import Engine
 from preftune.forward import StepOptions, pair_forward
 from preftune.losses import LossParams
 from preftune.metrics import add_sums, averages, pair_sums
@@ -28,8 +34,12 @@ def evaluate(
     pad_id: int,
     progress: bool = False,
     options: StepOptions = StepOptions(),
+    engine: Engine | None = None,
 ) -> EvalResult:
     """Loss and reward metrics of ``policy`` (against ``reference``) on ``pairs``."""
+    engine = engine or Engine()
+    all_pairs = pairs
+    pairs, counted = engine.shard(all_pairs)  # this process's share; all of them for one
     was_training = policy.training
     policy.eval()
     totals: dict[str, torch.Tensor] = {}
@@ -43,14 +53,17 @@ def evaluate(
         for start in batches:
             chunk = pairs[start : start + batch_size]
             out = pair_forward(policy, reference, chunk, params, pad_id, options)
+            keep = slice(0, max(0, min(len(chunk), counted - start)))  # padding is not counted
             add_sums(totals, pair_sums(
-                out.loss.losses, out.loss.chosen_rewards, out.loss.rejected_rewards,
-                out.policy_chosen_logps, out.policy_rejected_logps, out.loss.components,
+                out.loss.losses[keep], out.loss.chosen_rewards[keep],
+                out.loss.rejected_rewards[keep], out.policy_chosen_logps[keep],
+                out.policy_rejected_logps[keep],
+                {name: values[keep] for name, values in out.loss.components.items()},
             ))
             h = out.policy_chosen_logps - out.policy_rejected_logps
             if out.reference_chosen_logps is not None:
                 h = h - (out.reference_chosen_logps - out.reference_rejected_logps)
-            for i, pair in enumerate(chunk):
+            for i, pair in enumerate(chunk[keep]):
                 rows.append({
                     "source": pair.source,
                     "record": pair.record,
@@ -63,4 +76,5 @@ def evaluate(
                     "policy_rejected_logps": float(out.policy_rejected_logps[i]),
                 })
     policy.train(was_training)
-    return EvalResult(averages(totals, len(pairs)), rows)
+    totals = engine.sum(totals)
+    return EvalResult(averages(totals, len(all_pairs)), engine.gather_objects(rows))

@@ -11,10 +11,16 @@ same sequence log-probs (tests hold them to the naive path at 1e-5):
 
 Reference log-probs come from the pairs themselves when they were precomputed
 (:mod:`preftune.reference`), else from the reference model without gradients.
+
+``autocast`` runs the model calls under ``torch.autocast`` in bfloat16; log-probs stay
+float32 (see :mod:`preftune.logps`). A model handed to a distributed engine is scored
+through the engine's wrapper (:func:`route`), so that the engine sees every forward pass.
 """
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +44,24 @@ class StepOptions:
     concat_forward: bool = True
     head_only: bool = True
     prefix_sharing: bool = True
+    autocast: bool = False  # bfloat16 autocast around model calls: faster, not exact
+
+
+AUTOCAST_DTYPE = torch.bfloat16
+_routes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def route(model: nn.Module, wrapped: nn.Module) -> None:
+    """Score ``model`` through ``wrapped`` from now on: an engine's wrapper (DDP, FSDP, ...)
+    around ``SequenceLogps(model)``."""
+    _routes[model] = wrapped
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on ``device`` when ``enabled``, else nothing."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPE)
 
 
 @dataclass
@@ -70,7 +94,15 @@ def model_logps(model: nn.Module, batches: list[PairBatch], options: StepOptions
     """Sequence log-probs of ``model`` over ``batches``, concatenated. Shape: (2B,)."""
     head_only = options.head_only and head_only_is_exact(model)
     device = next(model.parameters()).device
-    return torch.cat([sequence_logps(model, b.to(device), head_only) for b in batches])
+    wrapped = _routes.get(model)
+    with autocast(device, options.autocast):
+        if wrapped is None:
+            return torch.cat([sequence_logps(model, b.to(device), head_only) for b in batches])
+        return torch.cat([
+            wrapped(b.input_ids, b.attention_mask, b.position_ids, b.predictors, b.targets,
+                    b.sequences, b.num_sequences, head_only)
+            for b in (batch.to(device) for batch in batches)
+        ])
 
 
 def pair_forward(

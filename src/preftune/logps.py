@@ -12,6 +12,14 @@ grow with the vocabulary. Models whose forward does more than ``head(body(x))`` 
 soft-capping or scaling, for instance) would be scored wrongly that way, so
 :func:`head_only_is_exact` checks each model once against its own full forward and the
 full-logits path is used where they differ.
+
+Whatever the weights are (float32, bfloat16, or float32 under bfloat16 autocast), logits are
+upcast to float32 before the log-softmax, so sequence log-probs, and the loss computed from
+them, are float32 sums. Under autocast the head's matrix product runs in the autocast dtype
+in both passes of :class:`ChunkedHeadLogps`, as autocast would run ``F.linear``.
+
+:class:`SequenceLogps` puts :func:`sequence_logps` in a module's ``forward``, so that a
+distributed engine (DDP, FSDP, DeepSpeed) that wraps the module sees each forward pass.
 """
 
 from __future__ import annotations
@@ -77,29 +85,66 @@ class ChunkedHeadLogps(torch.autograd.Function):
             logits = F.linear(states[rows], weight, bias).to(dtype)  # (chunk, V)
             out[rows] = -F.cross_entropy(logits, targets[rows], reduction="none")
         ctx.save_for_backward(states, weight, bias, targets)
+        # The dtype the head's product ran in: the autocast dtype under autocast. The backward
+        # pass runs outside autocast, so it casts to this dtype itself.
+        device = states.device.type
+        ctx.compute_dtype = (torch.get_autocast_dtype(device)
+                             if torch.is_autocast_enabled(device) else states.dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         states, weight, bias, targets = ctx.saved_tensors
+        compute = ctx.compute_dtype
         grad_states = torch.empty_like(states) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         grad_bias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
+        w = weight.to(compute)
+        b = bias.to(compute) if bias is not None else None
         for start in range(0, states.shape[0], HEAD_CHUNK_TOKENS):
             rows = slice(start, start + HEAD_CHUNK_TOKENS)
-            logits = F.linear(states[rows], weight, bias).to(_softmax_dtype(states))  # (chunk, V)
+            x = states[rows].to(compute)  # (chunk, H)
+            logits = F.linear(x, w, b).to(_softmax_dtype(states))  # (chunk, V)
             # d/dlogits of log softmax(logits)[target] is onehot(target) - softmax(logits).
             grad_logits = logits.softmax(-1).neg_()
             grad_logits[torch.arange(len(grad_logits)), targets[rows]] += 1
             grad_logits.mul_(grad_out[rows, None])
-            grad_logits = grad_logits.to(states.dtype)
+            grad_logits = grad_logits.to(compute)
             if grad_states is not None:
-                grad_states[rows] = grad_logits @ weight
+                grad_states[rows] = grad_logits @ w
             if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.T, states[rows])
+                if grad_weight.dtype == compute:
+                    grad_weight.addmm_(grad_logits.T, x)
+                else:  # float32 weights under autocast: accumulate in the weight's dtype
+                    grad_weight.add_((grad_logits.T @ x).to(grad_weight.dtype))
             if grad_bias is not None:
-                grad_bias.add_(grad_logits.sum(0))
+                grad_bias.add_(grad_logits.sum(0).to(grad_bias.dtype))
         return grad_states, grad_weight, grad_bias, None
+
+
+class SequenceLogps(nn.Module):
+    """:func:`sequence_logps` of ``model`` as a forward pass, for an engine to wrap.
+
+    DDP synchronises gradients, and FSDP or ZeRO-3 gather sharded weights, around the
+    forward of the module they wrap; the head-only path calls the model's body and head
+    separately, so the module they wrap is this one, whose forward is the whole scoring.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        # FSDP's automatic wrapping reads the layer classes to shard by from here.
+        self._no_split_modules = getattr(model, "_no_split_modules", None)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None, predictors: torch.Tensor,
+                targets: torch.Tensor, sequences: torch.Tensor, num_sequences: int,
+                head_only: bool) -> torch.Tensor:
+        from preftune.data.collate import PairBatch
+
+        batch = PairBatch(input_ids, attention_mask, position_ids, predictors, targets,
+                          sequences, num_sequences, 0, 0)
+        return sequence_logps(self.model, batch, head_only)  # (num_sequences,)
 
 
 def _softmax_dtype(states: torch.Tensor) -> torch.dtype:

@@ -94,6 +94,16 @@ class MetricsLog:
             self._tb.close()
 
 
+class NoLog:
+    """Writes nothing: what the processes other than process 0 log to."""
+
+    def write(self, step: int, values: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def console_line(step: int, total: int, values: dict[str, float]) -> str:
     """The compact line printed at each logging step."""
     parts = [f"step {step}/{total}"]

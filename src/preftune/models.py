@@ -1,4 +1,10 @@
-"""Resolving a model spec (alias, GGUF file, local folder, hub id) and loading it.
+"""Resolving a model spec (alias, GGUF file, local folder, LoRA adapter, hub id) and loading it.
+
+A folder holding ``adapter_config.json`` (and no ``config.json``) is a LoRA adapter written
+by peft (``RUN/model`` of a ``--lora`` run, for instance). :func:`load` gives it as one
+plain model, the adapter merged into its base; ``--lora`` training continues the adapter
+unmerged instead (:mod:`preftune.lora`). The base is the adapter's
+``base_model_name_or_path``, itself any spec this module resolves.
 
 A GGUF file is dequantized by transformers on first load, which takes tens of seconds; the
 result is cached as safetensors under the user's cache directory, keyed by the file's path,
@@ -10,6 +16,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -28,6 +35,7 @@ ALIASES: dict[str, tuple[str, str]] = {
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 class ModelError(ValueError):
@@ -36,7 +44,7 @@ class ModelError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSource:
-    kind: str  # "alias", "gguf", "folder" or "hub"
+    kind: str  # "alias", "gguf", "folder", "adapter" or "hub"
     location: str  # folder holding the files, or the hub id
     gguf_file: str | None = None
 
@@ -69,8 +77,13 @@ def resolve(spec: str) -> ModelSource:
             raise ModelError(f"model file {spec} not found")
         return ModelSource("gguf", str(path.parent), path.name)
     if path.is_dir():
+        if (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file():
+            return ModelSource("adapter", str(path))
         if not (path / "config.json").is_file():
-            raise ModelError(f"model folder {spec} has no config.json (not a Hugging Face model)")
+            raise ModelError(
+                f"model folder {spec} has no config.json (not a Hugging Face model) and no "
+                f"{ADAPTER_CONFIG} (not a LoRA adapter)"
+            )
         return ModelSource("folder", str(path))
     if path.exists():
         raise ModelError(f"model {spec}: expected a folder or a .gguf file")
@@ -83,10 +96,22 @@ def resolve(spec: str) -> ModelSource:
 def load(
     spec: str, *, dtype: str = "float32", trust_remote_code: bool = False
 ) -> tuple[nn.Module, object]:
-    """Load ``(model, tokenizer)`` for a spec; the tokenizer always has a pad token."""
+    """Load ``(model, tokenizer)`` for a spec; the tokenizer always has a pad token.
+
+    A LoRA adapter folder loads as its base with the adapter merged in (a plain model).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve(spec)
+    if source.kind == "adapter":
+        from peft import PeftModel
+
+        base, tokenizer = load(adapter_base(source.location), dtype=dtype,
+                               trust_remote_code=trust_remote_code)
+        tokenizer = adapter_tokenizer(source.location, tokenizer)
+        merged = PeftModel.from_pretrained(base, source.location).merge_and_unload()
+        disable_dropout(merged)
+        return merged, tokenizer
     folder = source.location
     if source.gguf_file is not None:
         folder = str(dequantized_copy(source))
@@ -110,6 +135,30 @@ def load(
         tokenizer.pad_token = tokenizer.eos_token
     disable_dropout(model)
     return model, tokenizer
+
+
+def adapter_base(folder: str | Path) -> str:
+    """The base model spec a LoRA adapter folder was trained on. Raises ModelError."""
+    path = Path(folder) / ADAPTER_CONFIG
+    try:
+        base = json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{path}: cannot be read ({err})") from None
+    if not base:
+        raise ModelError(f"{path}: no base_model_name_or_path, so the base model is unknown")
+    return str(base)
+
+
+def adapter_tokenizer(folder: str | Path, fallback):
+    """The tokenizer saved beside an adapter, or the base's when the folder has none."""
+    from transformers import AutoTokenizer
+
+    if not (Path(folder) / "tokenizer_config.json").is_file():
+        return fallback
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def dequantized_copy(source: ModelSource) -> Path:

@@ -5,8 +5,16 @@ Computing them once, before the first step, removes a forward pass from every st
 epoch and lets the reference model be freed while the policy trains. The values are stored
 on each :class:`TokenizedPair` (so shuffling and epochs cannot misalign them) and cached
 under ``<cache>/reference_logps/<key>.safetensors``. The key hashes the reference weights,
-every pair's token ids (which capture the data and the tokenization settings) and the
-dtype, so any change to those computes them afresh.
+every pair's token ids (which capture the data and the tokenization settings), the dtype
+and whether the forward ran under autocast, so any change to those computes them afresh.
+
+The reference may be a view of a LoRA policy with its adapter off
+(:class:`preftune.lora.AdapterReference`); its weights, and so its cache key, are the
+base's (plus the starting adapter's, when training continues one).
+
+Under several processes (:mod:`preftune.distributed`) each process computes an equal share
+of the pairs and the shares are gathered, so every process holds all the values; process 0
+alone writes the cache, and all processes agree on whether it was a hit.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from preftune.data.tokenize import TokenizedPair
+from preftune.distributed import Engine
 from preftune.forward import StepOptions, layout, model_logps
 from preftune.models import cache_dir
 
@@ -77,9 +86,16 @@ def compute_reference_logps(
 def attach_reference_logps(
     reference: nn.Module, pair_sets: list[list[TokenizedPair]], pad_id: int, batch_size: int,
     options: StepOptions = StepOptions(), use_cache: bool = True, progress: bool = False,
+    engine: Engine | None = None,
 ) -> list[list[TokenizedPair]]:
     """Return each list of pairs with its reference log-probs attached (cached on disk)."""
-    weights = weights_digest(reference) if use_cache else ""
+    engine = engine or Engine()
+    weights = weights_digest(reference) if use_cache and not engine.sharded else ""
+    if options.autocast:
+        weights += "|autocast"  # other values than the same weights give without it
+    # TODO: under FSDP/ZeRO-3 a process holds a shard of the weights, so there is no digest
+    # to key the cache with; the values are computed afresh every run.
+    use_cache = use_cache and not engine.sharded
     out = []
     for pairs in pair_sets:
         if not pairs:
@@ -87,10 +103,12 @@ def attach_reference_logps(
             continue
         path = cache_dir() / "reference_logps" / f"{cache_key(weights, pairs)}.safetensors"
         values = _read_cache(path, len(pairs)) if use_cache else None
-        if values is None:
-            values = compute_reference_logps(reference, pairs, pad_id, batch_size, options,
+        if engine.any(values is None):  # every process computes, or none does
+            share, _ = engine.shard(pairs)
+            values = compute_reference_logps(reference, share, pad_id, batch_size, options,
                                              progress)
-            if use_cache:
+            values = engine.gather(values)[: len(pairs)]  # (num_pairs, 2)
+            if use_cache and engine.is_main:
                 _write_cache(path, values)
         else:
             log.info("reference log-probs of %d pairs read from %s", len(pairs), path)

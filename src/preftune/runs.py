@@ -6,8 +6,12 @@ training started from, which training froze as its reference), and its loss, bet
 tokenization settings are the ones scoring must reuse for the numbers to mean the same thing.
 Flags given by the user (``--reference``, ``--beta``) win over the run's values.
 
-Any other model spec (hub id, folder, .gguf file, alias) can be opened too; it has no run to
-take a reference from, so one must be named.
+A ``--lora`` run's ``model/`` holds an adapter: the policy is the run's base with that adapter,
+and the reference is the same model with the adapter off (or, when training continued an
+adapter, with the starting adapter in its place), so the base weights are loaded once.
+
+Any other model spec (hub id, folder, .gguf file, alias, LoRA adapter folder) can be opened
+too; it has no run to take a reference from, so one must be named.
 
 The policy and the reference must read text the same way: their tokenizers must have the same
 vocabulary and the same special tokens, or the two log-probs of one response would be
@@ -24,7 +28,7 @@ from pathlib import Path
 import yaml
 from torch import nn
 
-from preftune import models
+from preftune import lora, models
 from preftune.config import TrainConfig, build_config, field_names
 from preftune.data.pipeline import prepare_data
 from preftune.data.report import DataReport
@@ -121,7 +125,8 @@ def open_run(
     if is_run_dir(path):
         config = read_run_config(path)
         policy_spec = str(path / MODEL_FOLDER)
-        if not (path / MODEL_FOLDER / "config.json").is_file():
+        trained = path / MODEL_FOLDER
+        if not ((trained / "config.json").is_file() or (trained / models.ADAPTER_CONFIG).is_file()):
             raise ValueError(
                 f"run directory {spec} has no trained model in {MODEL_FOLDER}/ "
                 "(did training finish?)"
@@ -155,17 +160,24 @@ def open_run(
     if beta is not None:
         params = dataclasses.replace(params, beta=beta)
 
-    log.info("loading policy %s", policy_spec)
-    policy, tokenizer = models.load(policy_spec, dtype=dtype, trust_remote_code=trust_remote_code)
-    log.info("loading reference %s", reference_spec)
-    try:
-        ref_model, ref_tokenizer = models.load(
-            reference_spec, dtype=dtype, trust_remote_code=trust_remote_code
+    if config is not None and reference is None and models.resolve(policy_spec).kind == "adapter":
+        log.info("loading policy %s on its base; reference %s", policy_spec, reference_spec)
+        policy, tokenizer, ref_model = lora.load_with_reference(
+            policy_spec, reference_spec, dtype, trust_remote_code
         )
-    except models.ModelError as err:
-        where = "--reference" if reference else f"the run's {CONFIG_FILE} 'model'"
-        raise ValueError(f"reference from {where}: {err}") from None
-    check_same_tokenizer(tokenizer, ref_tokenizer, policy_spec, reference_spec)
+    else:
+        log.info("loading policy %s", policy_spec)
+        policy, tokenizer = models.load(policy_spec, dtype=dtype,
+                                        trust_remote_code=trust_remote_code)
+        log.info("loading reference %s", reference_spec)
+        try:
+            ref_model, ref_tokenizer = models.load(
+                reference_spec, dtype=dtype, trust_remote_code=trust_remote_code
+            )
+        except models.ModelError as err:
+            where = "--reference" if reference else f"the run's {CONFIG_FILE} 'model'"
+            raise ValueError(f"reference from {where}: {err}") from None
+        check_same_tokenizer(tokenizer, ref_tokenizer, policy_spec, reference_spec)
     for model in (policy, ref_model):
         model.eval()
         model.requires_grad_(False)

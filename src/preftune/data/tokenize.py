@@ -107,8 +107,9 @@ class PairTokenizer:
         room = self.max_length - longest  # prompt tokens that fit
         if room < keep_first + 1:
             raise BadRecord(
-                f"too long: a response of {longest} tokens leaves no room for the prompt "
-                f"within --max-length {self.max_length}"
+                # One reason for every such pair, so the report counts them together.
+                f"too long: a response leaves no room for the prompt within --max-length "
+                f"{self.max_length}"
             )
         cut = max(0, len(prompt) - room)
         if cut:
