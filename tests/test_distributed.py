@@ -53,6 +53,7 @@ def test_shards_are_equal_contiguous_and_gather_back_in_order():
     assert shares == [([0, 1], 2), ([2, 3], 2), ([4, 4], 1)]  # the last padded by a repeat
     assert [x for share, _ in shares for x in share][: len(items)] == items
     assert _Rank(2, 4).shard([7, 8]) == ([8], 0)  # more processes than items: padding only
+    assert _Rank(0, 2).shard([]) == ([], 0)
 
 
 def test_num_processes_without_a_launcher_is_refused(tiny_llama_folder, tmp_path):

@@ -128,6 +128,8 @@ class Engine:
         weights need that), and is then ignored. Shares are contiguous and in rank order,
         so gathering them gives ``items`` back, then the padding.
         """
+        if not items:
+            return [], 0
         per = max(1, math.ceil(len(items) / self.world_size))
         share = items[self.rank * per : (self.rank + 1) * per]
         real = len(share)

@@ -37,6 +37,11 @@ def load_policy(cfg: TrainConfig, engine: Engine) -> tuple[nn.Module, object]:
         if cfg.lora:
             policy = lora.add_adapter(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                                       cfg.lora_target_modules_list())
+    if cfg.dtype == "bfloat16" and not cfg.lora:
+        # LoRA adapters stay float32 on a bfloat16 base; full fine-tuning updates bf16 weights.
+        log.warning("--dtype bfloat16: weights and their updates are bfloat16, and an update "
+                    "under ~0.4% of a weight rounds away (small --lr stalls); --autocast "
+                    "trains float32 weights with bfloat16 arithmetic")
     if cfg.gradient_checkpointing:
         enable_checkpointing(policy)
     return engine.place(policy), tokenizer
