@@ -7,9 +7,11 @@ BIN := $(VENV)/bin
 # The CPU build of torch keeps installs small where no GPU is used; bring another build
 # with, for example, `make demo TORCH=torch`.
 TORCH ?= torch==2.13.0
-PYTEST_ARGS ?=
+# The slow tests train every loss on the embedded 135M model (minutes on 2 cores):
+# `make test-all` runs them too.
+PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-all lint clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +32,9 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-all: install
+	$(BIN)/python -m pytest -q
 
 lint: install
 	$(BIN)/python -m pip install --quiet ruff
