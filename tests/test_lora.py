@@ -138,7 +138,7 @@ def test_checkpoints_hold_adapter_weights_only_and_resume_equals_the_unbroken_ru
     saved = load_file(lora_run / "checkpoints" / "step-8" / "model.safetensors")
     assert saved and all("lora_A" in name or "lora_B" in name for name in saved)
     out = tmp_path / "run"
-    monkeypatch.setenv("PREFTUNE_TEST_SIGNAL_IN_SAVE", "4:SIGINT")  # stop after step 5
+    monkeypatch.setenv("PREFTUNE_TEST_SIGNAL_IN_SAVE", "4:SIGINT")  # stops the run early
     assert main(train_args(tiny_llama_folder, pairs, out, *LORA, "--merge")) == 130
     monkeypatch.delenv("PREFTUNE_TEST_SIGNAL_IN_SAVE")
     assert main(["train", "--resume", str(out), "--no-progress"]) == 0

@@ -222,12 +222,9 @@ def train(cfg: TrainConfig) -> TrainResult:
             if (checkpoints.due(step + 1, steps) or stopping) and not engine.sharded:
                 if engine.is_main:
                     checkpoints.save(step + 1, policy, optimizer, scheduler, guard.skipped)
-                engine.barrier()  # no process moves on or exits while process 0 writes
-                if not stopping and engine.world_size == 1:
-                    # A signal that arrived during the save stops the run here, after it.
-                    # TODO: under several processes a signal during a periodic save is
-                    # acted on one step later; the re-check is a collective not yet tested.
-                    stopping = stop.requested is not None
+                # Every process waits here while process 0 writes, and a signal that arrived
+                # during the save (to any process) stops the run right after it.
+                stopping = engine.any(stop.requested is not None)
             if stopping:
                 stop.requested = stop.requested or "a signal to another process"
                 if not engine.is_main:
