@@ -16,7 +16,7 @@ from preftune.data.tokenize import TokenizedPair
 from preftune.distributed import Engine
 from preftune.forward import StepOptions, pair_forward
 from preftune.losses import LossParams
-from preftune.metrics import add_sums, averages, pair_sums
+from preftune.metrics import add_sums, averages
 
 
 @dataclass
@@ -54,12 +54,7 @@ def evaluate(
             chunk = pairs[start : start + batch_size]
             out = pair_forward(policy, reference, chunk, params, pad_id, options)
             keep = slice(0, max(0, min(len(chunk), counted - start)))  # padding is not counted
-            add_sums(totals, pair_sums(
-                out.loss.losses[keep], out.loss.chosen_rewards[keep],
-                out.loss.rejected_rewards[keep], out.policy_chosen_logps[keep],
-                out.policy_rejected_logps[keep],
-                {name: values[keep] for name, values in out.loss.components.items()},
-            ))
+            add_sums(totals, out.metric_sums(keep))
             h = out.policy_chosen_logps - out.policy_rejected_logps
             if out.reference_chosen_logps is not None:
                 h = h - (out.reference_chosen_logps - out.reference_rejected_logps)

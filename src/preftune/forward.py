@@ -35,6 +35,7 @@ from preftune.data.collate import (
 from preftune.data.tokenize import TokenizedPair
 from preftune.logps import head_only_is_exact, sequence_logps, shared_prefix_is_exact
 from preftune.losses import LossOutput, LossParams, compute_loss
+from preftune.metrics import pair_sums
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,15 @@ class PairForward:
     chosen_lengths: torch.Tensor  # (B,)
     rejected_lengths: torch.Tensor  # (B,)
     num_tokens: int  # real tokens of the pairs, as the stacked layout reads them
+
+    def metric_sums(self, keep: slice = slice(None)) -> dict[str, torch.Tensor]:
+        """Sums of the per-pair metrics over the pairs in ``keep`` (see metrics.pair_sums)."""
+        return pair_sums(
+            self.loss.losses[keep], self.loss.chosen_rewards[keep],
+            self.loss.rejected_rewards[keep], self.policy_chosen_logps[keep],
+            self.policy_rejected_logps[keep],
+            {name: values[keep] for name, values in self.loss.components.items()},
+        )
 
 
 def layout(model: nn.Module, pairs: list[TokenizedPair], pad_id: int,

@@ -36,7 +36,7 @@ from preftune.evaluate import evaluate
 from preftune.forward import pair_forward
 from preftune.logps import head_only_is_exact, shared_prefix_is_exact
 from preftune.losses import LOSSES
-from preftune.metrics import MetricsLog, NoLog, add_sums, averages, console_line, pair_sums
+from preftune.metrics import MetricsLog, NoLog, add_sums, averages, console_line
 from preftune.policy import load_policy, reference_for, save_policy, trainable_parameters
 from preftune.reference import attach_reference_logps
 from preftune.rundir import RunDir
@@ -322,10 +322,7 @@ def train_step(
             # so accumulation reproduces the mean over the step, and the engine's mean of
             # gradients over processes the mean over every process's pairs.
             engine.backward(out.loss.losses.sum() / local_pairs)
-        add_sums(totals, pair_sums(
-            out.loss.losses, out.loss.chosen_rewards, out.loss.rejected_rewards,
-            out.policy_chosen_logps, out.policy_rejected_logps, out.loss.components,
-        ))
+        add_sums(totals, out.metric_sums())
     totals = engine.sum(totals)  # over processes
     num_tokens = engine.sum_count(num_tokens)
     step_pairs = local_pairs * engine.world_size
