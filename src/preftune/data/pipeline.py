@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 from importlib import resources
-from pathlib import Path
 
 from preftune.config import TrainConfig
 from preftune.data.report import DataReport
