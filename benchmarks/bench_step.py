@@ -13,7 +13,14 @@ file order. The modes are cumulative, so each row shows what one more optimizati
     +concat          chosen and rejected stacked in one call per model
     +head_only       vocabulary head and log-softmax on response positions only, chunked
     +prefix_sharing  one row [prompt][chosen][rejected] per pair: the prompt runs once
-    preftune         + reference log-probs precomputed once (the default configuration)
+    +precompute_reference
+                     reference log-probs computed once before training, by the policy
+                     itself before its first update (no second copy of the weights)
+    preftune         + AdamW's fused update (the default configuration)
+
+and one more row, not cumulative: ``preftune --gradient-checkpointing``, the default
+configuration recomputing each layer's activations in the backward pass (a memory switch).
+``--merge`` keeps the rows of modes not run this time from the existing results.
 
 Useful FLOPs count what a DPO step needs: the model body over each pair's tokens with the
 prompt once (P + C + R), the vocabulary head over response tokens only (C + R), forward and
@@ -37,38 +44,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+_STEPS = ("concat_forward", "head_only", "prefix_sharing", "precompute_reference",
+          "fused_optimizer")
 MODES = {
-    "naive": {
-        "concat_forward": False,
-        "head_only": False,
-        "prefix_sharing": False,
-        "precompute_reference": False,
-    },
-    "+concat": {
-        "concat_forward": True,
-        "head_only": False,
-        "prefix_sharing": False,
-        "precompute_reference": False,
-    },
-    "+head_only": {
-        "concat_forward": True,
-        "head_only": True,
-        "prefix_sharing": False,
-        "precompute_reference": False,
-    },
-    "+prefix_sharing": {
-        "concat_forward": True,
-        "head_only": True,
-        "prefix_sharing": True,
-        "precompute_reference": False,
-    },
-    "preftune": {
-        "concat_forward": True,
-        "head_only": True,
-        "prefix_sharing": True,
-        "precompute_reference": True,
-    },
+    name: {key: k < on for k, key in enumerate(_STEPS)} | {"gradient_checkpointing": False}
+    for on, name in enumerate(
+        ["naive", "+concat", "+head_only", "+prefix_sharing", "+precompute_reference",
+         "preftune"]
+    )
 }
+# Not cumulative: the default configuration with --gradient-checkpointing, a memory switch.
+MODES["preftune --gradient-checkpointing"] = MODES["preftune"] | {"gradient_checkpointing": True}
 
 
 def matmul_ceiling(threads: int, size: int = 2048, repeats: int = 10) -> float:
@@ -94,15 +80,23 @@ def run_mode(mode: str, config: str, warmup: int, steps: int) -> dict:
     from preftune.data.pipeline import prepare_data
     from preftune.data.report import DataReport
     from preftune.reference import attach_reference_logps
-    from preftune.train import step_batches, train_step
+    from preftune.train import make_optimizer, step_batches, train_step
 
     values = read_yaml(config)
-    values.update(MODES[mode])
+    options = dict(MODES[mode])
+    fused = options.pop("fused_optimizer")
+    values.update(options)
     cfg = build_config(values)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     policy, tokenizer = models.load(cfg.model, dtype=cfg.dtype)
-    reference = models.frozen_copy(policy)
+    if cfg.gradient_checkpointing:
+        from preftune.policy import enable_checkpointing
+
+        enable_checkpointing(policy)
+    # As in training: precomputed reference log-probs are the policy's own before its first
+    # update, so no copy is made; otherwise the reference is a frozen copy.
+    reference = policy if cfg.precompute_reference else models.frozen_copy(policy)
     pairs, _ = prepare_data(cfg, tokenizer, DataReport())
     pad_id = tokenizer.pad_token_id
     used = sorted(
@@ -123,7 +117,7 @@ def run_mode(mode: str, config: str, warmup: int, steps: int) -> dict:
         for i, pair in zip(used, with_ref):
             pairs[i] = pair
         reference = None
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(cfg, list(policy.parameters()), fused=fused)
     policy.train()
     body = policy.get_decoder()
     n_body = sum(p.numel() for n, p in body.named_parameters() if "embed" not in n)
@@ -165,13 +159,17 @@ def run_mode(mode: str, config: str, warmup: int, steps: int) -> dict:
     }
 
 
-def markdown(results: list[dict], ceiling: float, meta: dict) -> str:
+CEILING = "matmul_ceiling_gflops"
+
+
+def markdown(results: list[dict], meta: dict) -> str:
     naive = next((r for r in results if r["mode"] == "naive"), None)
     lines = [
         (
             f"DPO step on {meta['workload']}; {meta['steps']} measured steps after "
-            f"{meta['warmup']} warm-up, {meta['threads']} threads, matmul ceiling "
-            f"{ceiling:.0f} GFLOP/s (fp32, measured in the same run)."
+            f"{meta['warmup']} warm-up, {meta['threads']} threads; % of ceiling is against the "
+            "fp32 matmul ceiling measured in the same run as each row "
+            f"({', '.join(sorted({f'{r[CEILING]:.0f}' for r in results}))} GFLOP/s)."
         ),
         "",
         (
@@ -186,7 +184,7 @@ def markdown(results: list[dict], ceiling: float, meta: dict) -> str:
             f"| {r['mode']} | {r['median_step_seconds']:.2f} | {r['min_step_seconds']:.2f} "
             f"| {r['pairs_per_second']:.3f} | {r['tokens_per_second']:.0f} "
             f"| {r['useful_gflop_per_second']:.1f} "
-            f"| {100 * r['useful_gflop_per_second'] / ceiling:.0f}% "
+            f"| {100 * r['useful_gflop_per_second'] / r[CEILING]:.0f}% "
             f"| {r['peak_rss_gb']:.2f} | {speedup:.2f}x |"
         )
     pre = next((r for r in results if r.get("precompute_seconds")), None)
@@ -210,6 +208,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the existing results of the modes not run now")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -244,7 +244,13 @@ def main() -> int:
             check=True,
             env={**os.environ},
         )
-        results.append(json.loads(child.stdout.strip().splitlines()[-1]))
+        results.append(json.loads(child.stdout.strip().splitlines()[-1]) | {CEILING: ceiling})
+    out = Path(args.out)
+    if args.merge and (out / "step_benchmark.json").exists():
+        earlier = json.loads((out / "step_benchmark.json").read_text())
+        ran = {r["mode"]: r for r in results}
+        kept = [{CEILING: earlier["meta"][CEILING]} | r for r in earlier["results"]]
+        results = [ran.pop(r["mode"], r) for r in kept] + list(ran.values())
     meta = {
         "workload": "SmolLM2-135M-Instruct, first 256 HH harmless-base test pairs, "
         "batch 4 pairs, max length 512, fp32",
@@ -254,12 +260,11 @@ def main() -> int:
         "matmul_ceiling_gflops": ceiling,
         "date": time.strftime("%Y-%m-%d"),
     }
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "step_benchmark.json").write_text(
         json.dumps({"meta": meta, "results": results}, indent=2)
     )
-    table = markdown(results, ceiling, meta)
+    table = markdown(results, meta)
     (out / "step_benchmark.md").write_text(table)
     print(table)
     return 0

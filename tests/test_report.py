@@ -144,6 +144,40 @@ def test_small_moves_are_not_a_collapse(tmp_path):
     assert not logps_trend(read_run(run)).collapse
 
 
+def _with_eval_lengths(run: Path, chosen: float, rejected: float) -> Path:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        if "eval/loss" in row or "eval/logps/chosen" in row:
+            row["eval/lengths/chosen"], row["eval/lengths/rejected"] = chosen, rejected
+    _jsonl(run / "metrics.jsonl", rows)
+    return run
+
+
+def test_with_lengths_a_fall_is_judged_per_token(tmp_path):
+    """Chosen -57.2 -> -58.2 over 30-token responses: -1/30 = -0.033 nats per token, under
+    the 0.05 threshold, while rejected -134.8 -> -240.1 over 80 tokens is -1.32 per token.
+    Per response, chosen fell by 1 nat (over the 0.1-nat fallback), yet no collapse."""
+    run = _run_dir(tmp_path, "sigmoid", [(-57.2, -134.8, 0.0), (-57.3, -225.6, 9.1),
+                                         (-58.2, -240.1, 10.4)])
+    trend = logps_trend(read_run(_with_eval_lengths(run, 30.0, 80.0)))
+    assert trend.per_token and trend.fall_rule == "0.05 nats per response token"
+    assert trend.chosen_change_per_token == pytest.approx(-1 / 30)
+    assert trend.rejected_change_per_token == pytest.approx((-240.1 + 134.8) / 80)
+    assert not trend.fell("chosen") and trend.fell("rejected") and not trend.collapse
+    page = write_report(run).html.read_text()
+    assert "No log-prob collapse" in page and "-0.033 nats per token" in page
+
+
+def test_with_lengths_a_long_fall_of_both_is_a_collapse(tmp_path):
+    """Chosen -50 -> -62 over 20 tokens (-0.6 per token), rejected -52 -> -75 over 25
+    (-0.92 per token), margin grew: a collapse, judged per token."""
+    run = _run_dir(tmp_path, "ref_free", [(-50, -52, 0.2), (-55, -60, 0.5), (-62, -75, 1.3)])
+    trend = logps_trend(read_run(_with_eval_lengths(run, 20.0, 25.0)))
+    assert trend.per_token and trend.collapse
+    assert trend.chosen_change_per_token == pytest.approx(-0.6)
+    assert WARNING in write_report(run).html.read_text()
+
+
 def test_landscape_plots_every_pair_and_counts_regions(tmp_path):
     """Step 0: all five pairs at the bend (x = 0). Step 20: x = -0.5, 0, 0.3, 1.2 and one
     "nan" string, which cannot be placed: 1 steep, 1 bend, 2 flat, 1 not plotted."""

@@ -15,8 +15,8 @@ from preftune import models, reference
 from preftune.data.formats import PreferencePair
 from preftune.data.tokenize import PairTokenizer
 from preftune.forward import StepOptions, pair_forward
-from preftune.losses import LossParams
 from preftune.logps import ChunkedHeadLogps, shared_prefix_is_exact
+from preftune.losses import LossParams
 
 NAIVE = StepOptions(concat_forward=False, head_only=False, prefix_sharing=False)
 VARIANTS = {

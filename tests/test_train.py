@@ -101,6 +101,69 @@ def test_grad_accumulation_4x1_equals_1x4(tiny_llama, optimizer_name):
         torch.testing.assert_close(value, params_b[name], rtol=1e-5, atol=1e-6)
 
 
+def test_fused_adamw_takes_the_same_steps_as_the_default(tiny_llama):
+    """make_optimizer's fused kernel is AdamW: the weights agree with torch's default
+    implementation to float rounding after three steps."""
+    from preftune.train import make_optimizer
+
+    policy, tok = tiny_llama
+    reference = models.frozen_copy(policy)
+    cfg = TrainConfig(batch_size=4, shuffle=False, lr=1e-3, weight_decay=0.1)
+    weights = []
+    for fused in (True, False):
+        model = copy.deepcopy(policy).train()
+        optimizer = make_optimizer(cfg, list(model.parameters()), fused=fused)
+        assert bool(optimizer.param_groups[0]["fused"]) is fused
+        for step in range(3):
+            train_step(cfg, model, reference, optimizer, _pairs(tok), step, tok.pad_token_id,
+                       cfg.loss_params())
+        weights.append(dict(model.named_parameters()))
+    moved = False
+    for name, value in weights[0].items():
+        torch.testing.assert_close(value, weights[1][name], rtol=1e-5, atol=1e-6)
+        moved = moved or not torch.equal(value, dict(policy.named_parameters())[name])
+    assert moved
+
+
+@pytest.mark.parametrize("precompute", [True, False])
+def test_precomputed_reference_is_the_policy_itself_not_a_copy(
+    tmp_path, tiny_llama_folder, pair_files, monkeypatch, precompute
+):
+    """Precomputed reference log-probs are the policy's own before its first update, so no
+    copy of the weights is made; a live reference is a copy. Step 0 is ln 2 either way."""
+    train_file, eval_file = pair_files
+    copies = []
+    real_copy = models.frozen_copy
+    monkeypatch.setattr(models, "frozen_copy", lambda m: copies.append(1) or real_copy(m))
+    out = tmp_path / "run"
+    flag = "--precompute-reference" if precompute else "--no-precompute-reference"
+    assert main(["train", "--model", str(tiny_llama_folder), "--data", str(train_file),
+                 "--eval-data", str(eval_file), "--output", str(out), "--max-steps", "2",
+                 "--lr", "1e-3", "--num-samples", "0", flag, "--no-progress"]) == 0
+    assert len(copies) == (0 if precompute else 1)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/loss" in r]
+    assert evals[0]["step"] == 0
+    assert evals[0]["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert evals[-1]["eval/loss"] != evals[0]["eval/loss"]  # the policy moved, not its reference
+
+
+def test_pairs_read_are_those_of_the_steps_run(tiny_llama):
+    """A run that ends within its first epoch precomputes reference log-probs only for the
+    pairs its steps read; one that reaches a second epoch reads every pair."""
+    from preftune.train import batch_indices, pairs_read
+
+    _, tok = tiny_llama
+    pairs = _pairs(tok) * 5  # 20 pairs
+    cfg = TrainConfig(batch_size=2, grad_accum=2, seed=1)
+    read = pairs_read(cfg, pairs, 3)  # 12 of 20
+    expected = {i for step in range(3) for batch in batch_indices(cfg, pairs, step)
+                for i in batch}
+    assert read == sorted(expected) and len(read) == 12
+    assert pairs_read(cfg, pairs, 3, world_size=2) == list(range(20))  # 24 >= 20
+    assert pairs_read(cfg, pairs, 5) == list(range(20))
+
+
 def test_step_batches_cover_each_epoch_once():
     cfg = TrainConfig(batch_size=2, grad_accum=2, seed=3)
     seen = [i for step in range(5) for micro in step_batches(cfg, 10, step) for i in micro]

@@ -83,6 +83,7 @@ class PairForward:
             self.loss.rejected_rewards[keep], self.policy_chosen_logps[keep],
             self.policy_rejected_logps[keep],
             {name: values[keep] for name, values in self.loss.components.items()},
+            self.chosen_lengths[keep], self.rejected_lengths[keep],
         )
 
 

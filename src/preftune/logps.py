@@ -97,7 +97,9 @@ class ChunkedHeadLogps(torch.autograd.Function):
         states, weight, bias, targets = ctx.saved_tensors
         compute = ctx.compute_dtype
         grad_states = torch.empty_like(states) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        # The weight's gradient is written by the first chunk and accumulated by the others:
+        # zero-filling a (V, H) buffer first costs as much as a chunk's product on CPU.
+        grad_weight = None
         grad_bias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
         w = weight.to(compute)
         b = bias.to(compute) if bias is not None else None
@@ -112,10 +114,13 @@ class ChunkedHeadLogps(torch.autograd.Function):
             grad_logits = grad_logits.to(compute)
             if grad_states is not None:
                 grad_states[rows] = grad_logits @ w
-            if grad_weight is not None:
-                if grad_weight.dtype == compute:
+            if ctx.needs_input_grad[1]:
+                # float32 weights under autocast: the product is cast to the weight's dtype.
+                if grad_weight is None:
+                    grad_weight = (grad_logits.T @ x).to(weight.dtype)
+                elif grad_weight.dtype == compute:
                     grad_weight.addmm_(grad_logits.T, x)
-                else:  # float32 weights under autocast: accumulate in the weight's dtype
+                else:
                     grad_weight.add_((grad_logits.T @ x).to(grad_weight.dtype))
             if grad_bias is not None:
                 grad_bias.add_(grad_logits.sum(0).to(grad_bias.dtype))

@@ -2,7 +2,8 @@
 
 Metric names follow what the field already charts: ``loss``, ``rewards/chosen``,
 ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``,
-``logps/rejected``; evaluation metrics carry the prefix ``eval/``.
+``logps/rejected``, with the mean response lengths in tokens as ``lengths/chosen`` and
+``lengths/rejected``; evaluation metrics carry the prefix ``eval/``.
 
 ``rewards/accuracies`` counts a pair as 1 when its chosen reward is above its rejected
 reward, 0 when below, and 0.5 on a tie: a reward margin within ``TIE_TOLERANCE`` of zero.
@@ -21,7 +22,6 @@ from typing import Any
 
 import torch
 
-
 TIE_TOLERANCE = 1e-5
 
 
@@ -39,9 +39,13 @@ def pair_sums(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
     components: dict[str, torch.Tensor],
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-batch sums of the per-pair metrics; divide by the pair count to average.
 
+    ``lengths/chosen`` and ``lengths/rejected`` are response lengths in tokens, so that a
+    change of a sequence log-prob can be read per token.
     Kept as tensors so a training step does not synchronise with the host until it logs.
     """
     sums = {
@@ -53,6 +57,9 @@ def pair_sums(
         "logps/chosen": policy_chosen_logps.detach().sum(),
         "logps/rejected": policy_rejected_logps.detach().sum(),
     }
+    if chosen_lengths is not None and rejected_lengths is not None:
+        sums["lengths/chosen"] = chosen_lengths.sum().float()
+        sums["lengths/rejected"] = rejected_lengths.sum().float()
     for name, values in components.items():
         sums[f"loss/{name}"] = values.detach().sum()
     return sums

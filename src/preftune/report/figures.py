@@ -16,7 +16,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from preftune.report import plotting as p
-from preftune.report.diagnostics import FALL_NATS, LogpsTrend
+from preftune.report.diagnostics import LogpsTrend
 from preftune.report.run_files import RunFiles, series
 
 STEP_LABEL = "step (optimizer steps)"
@@ -139,7 +139,7 @@ def logps_figure(run: RunFiles, trend: LogpsTrend | None) -> p.FigureResult:
     caption = (
         f"Right: change from step {trend.start_step} to step {trend.end_step}, measured on "
         f"the {trend.source}. A fall of d nats makes the response e^d times less likely; "
-        f"a change smaller than {FALL_NATS:g} nats is not counted as a fall."
+        f"a change smaller than {trend.fall_rule} is not counted as a fall."
     )
     return p.FigureResult("logps", "Sequence log-probs", fig, facts, caption)
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from preftune.report.diagnostics import (
     FALL_NATS,
+    FALL_NATS_PER_TOKEN,
     LogpsTrend,
     loss_name,
     median_of,
@@ -102,8 +103,9 @@ def collapse_box(trend: LogpsTrend | None, config: dict[str, Any]) -> str:
         )
     where = f"On the {trend.source}, from step {trend.start_step} to step {trend.end_step}"
     moves = (
-        f"chosen responses {_move(trend.chosen)}; rejected responses {_move(trend.rejected)}; "
-        f"reward margin {trend.margin[0]:+.3f} → {trend.margin[1]:+.3f}."
+        f"chosen responses {_move(trend, 'chosen')}; rejected responses "
+        f"{_move(trend, 'rejected')}; reward margin {trend.margin[0]:+.3f} → "
+        f"{trend.margin[1]:+.3f}."
     )
     if not trend.collapse:
         return box(
@@ -112,7 +114,7 @@ def collapse_box(trend: LogpsTrend | None, config: dict[str, Any]) -> str:
             [
                 f"{where}: {moves}",
                 (
-                    f"A collapse would be both log-probs falling by more than {FALL_NATS:g} nats "
+                    f"A collapse would be both log-probs falling by more than {trend.fall_rule} "
                     "while the margin grows."
                 ),
             ],
@@ -287,17 +289,22 @@ def _text_cell(text: Any, reward: Any, has_rewards: bool) -> str:
     return cell + "</td>"
 
 
-def _move(values: tuple[float, float]) -> str:
-    start, end = values
+def _move(trend: LogpsTrend, which: str) -> str:
+    """How one side's log-prob moved, in nats, likelihood and (when known) per token."""
+    start, end = getattr(trend, which)
     change = end - start
-    if abs(change) <= FALL_NATS:
-        return f"held steady ({start:.2f} → {end:.2f} nats)"
+    per_token = getattr(trend, f"{which}_change_per_token")
+    tokens = "" if per_token is None else f", {per_token:+.3f} nats per token"
+    steady = abs(per_token) <= FALL_NATS_PER_TOKEN if per_token is not None else (
+        abs(change) <= FALL_NATS)
+    if steady:
+        return f"held steady ({start:.2f} → {end:.2f} nats{tokens})"
     verb = "fell" if change < 0 else "rose"
     factor = _factor(abs(change))
     likely = "less" if change < 0 else "more"
     about = "" if factor.startswith("more") else "about "
     return (
-        f"{verb} by {abs(change):.2f} nats ({start:.2f} → {end:.2f}), {about}{factor} "
+        f"{verb} by {abs(change):.2f} nats ({start:.2f} → {end:.2f}{tokens}), {about}{factor} "
         f"times {likely} likely"
     )
 
