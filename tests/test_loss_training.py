@@ -14,6 +14,9 @@ from safetensors.torch import load_file
 
 from preftune.config import TrainConfig
 from preftune.losses import LOSSES
+from preftune.report import write_report
+from preftune.report.diagnostics import logps_trend
+from preftune.report.run_files import read_run
 from preftune.train import train
 
 # SimPO and ORPO scale per-token log-probs, which move far less than sums: their papers use
@@ -26,13 +29,13 @@ def _rows(run_dir):
 
 
 def _short_run(tmp_path, loss: str, **overrides):
-    cfg = TrainConfig(
+    values = dict(
         model="smollm2-135m-instruct", data="demo", limit=4, max_eval_pairs=2, max_steps=2,
         batch_size=2, max_length=96, lr=2e-5, warmup_ratio=0.0, scheduler="constant",
         loss=loss, beta=BETAS.get(loss, 0.1), num_samples=0, eval_every=0, progress=False,
-        output=str(tmp_path / loss), **overrides,
+        output=str(tmp_path / loss),
     )
-    return train(cfg).run_dir
+    return train(TrainConfig(**(values | overrides))).run_dir
 
 
 @pytest.mark.slow
@@ -53,14 +56,21 @@ def test_each_loss_changes_the_policy_with_finite_metrics(tmp_path, loss, smollm
 
 @pytest.mark.slow
 def test_reference_free_run_lowers_both_logps(tmp_path):
-    """Without the anchor, pushing the rejected response down drags the chosen one along.
+    """A reference-free run pushed hard (lr 1e-3, 8 steps) lowers both held-out sequence
+    log-probs while the margin grows, and the report flags it as a collapse.
 
-    Both held-out sequence log-probs end below where they started: the collapse the
-    reference model exists to prevent.
+    (Measured when this test was written: chosen -46.6 -> -145.6 nats, rejected -156.5 ->
+    -532.6. At lr 3e-4 the chosen log-prob held within 0.4 nats; at 1e-3 a sigmoid run
+    fell as well, so this shows the warning on a real run, not what the reference prevents.)
     """
-    run_dir = _short_run(tmp_path, "ref_free", max_steps=6, lr=5e-5)
+    run_dir = _short_run(tmp_path, "ref_free", limit=16, max_eval_pairs=4, max_steps=8,
+                         lr=1e-3)
     evals = [r for r in _rows(run_dir) if "eval/loss" in r]
     first, last = evals[0], evals[-1]
     assert last["eval/logps/chosen"] < first["eval/logps/chosen"]
     assert last["eval/logps/rejected"] < first["eval/logps/rejected"]
     assert last["eval/rewards/margins"] > first["eval/rewards/margins"]
+    # The report names it, judged per response token from the logged lengths.
+    trend = logps_trend(read_run(run_dir))
+    assert trend.per_token and trend.collapse
+    assert write_report(run_dir).collapse
