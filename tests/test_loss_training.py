@@ -29,12 +29,12 @@ def _rows(run_dir):
 
 
 def _short_run(tmp_path, loss: str, **overrides):
-    values = dict(
-        model="smollm2-135m-instruct", data="demo", limit=4, max_eval_pairs=2, max_steps=2,
-        batch_size=2, max_length=96, lr=2e-5, warmup_ratio=0.0, scheduler="constant",
-        loss=loss, beta=BETAS.get(loss, 0.1), num_samples=0, eval_every=0, progress=False,
-        output=str(tmp_path / loss),
-    )
+    values = {
+        "model": "smollm2-135m-instruct", "data": "demo", "limit": 4, "max_eval_pairs": 2,
+        "max_steps": 2, "batch_size": 2, "max_length": 96, "lr": 2e-5, "warmup_ratio": 0.0,
+        "scheduler": "constant", "loss": loss, "beta": BETAS.get(loss, 0.1), "num_samples": 0,
+        "eval_every": 0, "progress": False, "output": str(tmp_path / loss),
+    }
     return train(TrainConfig(**(values | overrides))).run_dir
 
 

@@ -234,6 +234,12 @@ def test_region_counts_by_sign_of_the_margin():
     }
 
 
+def test_margins_within_the_tie_tolerance_are_at_the_bend():
+    """Step 0 margins are 0 up to recomputation noise (~1e-6): at the bend, like a tie in
+    reward accuracy; 2e-5 is past the 1e-5 tolerance."""
+    assert region_counts([-4e-6, 1e-6, 9e-6, -2e-5, 2e-5]) == {"steep": 1, "bend": 3, "flat": 1}
+
+
 def test_nan_strings_in_metrics_are_read_as_nan_and_still_render(tmp_path):
     """A diverged run writes "nan" and "inf" as strings; the report reads them as floats."""
     run = _run_dir(tmp_path, "sigmoid", [(-50, -52, 0.0), ("nan", -53, 0.1), (-49, -54, 0.4)])
@@ -474,3 +480,12 @@ def test_report_of_a_tiny_run_renders_in_headless_chromium(tmp_path, tiny_llama_
     assert console == []
     assert shot.is_file() and shot.stat().st_size > 50_000
     shutil.copy(page, ARTIFACTS / "report-tiny-run.html")
+
+
+def test_small_values_keep_significant_figures():
+    """A final loss of 0.000324 is not shown as 0.000; a step-0 margin of 3.43e-7 (float
+    noise) is; ordinary values keep 3 decimals."""
+    from preftune.report.plotting import fmt
+
+    assert [fmt(0.00032405), fmt(0.693147), fmt(0.0), fmt(3.43e-7), fmt(12345.6)] == [
+        "0.000324", "0.693", "0.000", "0.000", "12,346"]

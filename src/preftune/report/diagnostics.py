@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from preftune.losses import LOSSES, LossParams
+from preftune.metrics import TIE_TOLERANCE
 from preftune.report.run_files import RunFiles, number, series
 
 # A response's log-prob "fell" when it dropped by more than FALL_NATS_PER_TOKEN nats per
@@ -278,12 +279,14 @@ def _curve_of(params: LossParams) -> Callable[[np.ndarray], np.ndarray]:
 
 def region_counts(margins: Sequence[float]) -> dict[str, int]:
     """Pairs below 0 (steep), at 0 (bend) and above 0 (flat); NaN or infinite margins, which
-    cannot be placed on the curve, count in no region."""
+    cannot be placed on the curve, count in no region. A margin within TIE_TOLERANCE of 0 is
+    at the bend, as it is a tie for reward accuracy: at step 0 every margin is 0 up to the
+    float noise of recomputing the same log-probs."""
     values = [m for m in margins if math.isfinite(m)]
     return {
-        "steep": sum(m < 0 for m in values),
-        "bend": sum(m == 0 for m in values),
-        "flat": sum(m > 0 for m in values),
+        "steep": sum(m < -TIE_TOLERANCE for m in values),
+        "bend": sum(abs(m) <= TIE_TOLERANCE for m in values),
+        "flat": sum(m > TIE_TOLERANCE for m in values),
     }
 
 

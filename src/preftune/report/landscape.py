@@ -274,7 +274,7 @@ def _region_boxes(ax: Axes, counts: dict, first: int, last: int, single: bool) -
     lines = [head]
     for region, label in (
         ("steep", "x < 0 steep"),
-        ("bend", "x = 0 bend "),
+        ("bend", "x ≈ 0 bend "),
         ("flat", "x > 0 flat "),
     ):
         lines.append(f"{label:<16} " + "".join(f"{counts[w][region]:>9}" for w in whens))

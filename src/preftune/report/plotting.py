@@ -101,7 +101,14 @@ def no_data(ax: Axes, text: str) -> None:
 
 
 def fmt(value: float, digits: int = 3) -> str:
-    """A number for a caption; NaN and infinities spelled out."""
+    """A number for a caption; NaN and infinities spelled out. Values that would round to 0
+    at ``digits`` decimals keep ``digits`` significant figures down to 1e-5 (a loss of
+    0.000324 is not shown as 0.000); smaller ones are float noise here (a step-0 margin of
+    3e-7) and show as 0."""
     if not math.isfinite(value):
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.{digits}f}"
+    if abs(value) >= 1e4:
+        return f"{value:,.0f}"
+    if 1e-5 <= abs(value) < 0.5 * 10**-digits:
+        return f"{value:.{digits}g}"
+    return f"{value:.{digits}f}"
