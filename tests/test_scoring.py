@@ -250,6 +250,10 @@ def test_summarize_takes_the_median_of_per_pair_margins():
             {"prompt": [{"role": "assistant", "content": "Hi"}], "response": "a"},
             "prompt ends with an assistant message",
         ),
+        (
+            {"prompt": "Hi", "responses": ["fine", "bad \ud800"]},
+            "field 'responses[1]' has a lone surrogate '\\ud800' at character 4",
+        ),
     ],
 )
 def test_bad_records_name_file_line_and_reason(tmp_path, record, reason):
@@ -306,3 +310,19 @@ def test_unseen_pairs_example_is_new_to_the_demo_data():
             for sentence in part.replace("!", "!|").replace(".", ".|").split("|"):
                 if sentence.strip():
                     assert sentence.strip() not in demo_text, sentence
+
+
+@pytest.mark.parametrize("kind", ["folder", "below a file"])
+def test_score_refuses_an_output_it_could_not_write_before_any_work(tmp_path, capsys, kind):
+    """An --output that is a folder, or below a file, is refused with one line and exit 2
+    before the input is read or a model loaded (the run does not exist)."""
+    from preftune.cli import main
+
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text(json.dumps({"prompt": "Q", "response": "A"}) + "\n")
+    out = tmp_path if kind == "folder" else inputs / "scores.jsonl"
+    code = main(["score", str(tmp_path / "no-run"), "--input", str(inputs), "--output", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("preftune: error: --output") and str(out) in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]

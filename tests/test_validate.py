@@ -61,6 +61,11 @@ BAD_RECORDS = [
         b'{"prompt": [{"role": "bot", "content": "hi"}], "chosen": "a", "rejected": "b"}',
         "unknown role 'bot' in 'prompt'",
     ),
+    (
+        "Lone surrogate in text",
+        b'{"prompt": "Q", "chosen": "a\\ud800", "rejected": "b"}',
+        "field 'chosen' has a lone surrogate '\\ud800' at character 1: not valid Unicode text",
+    ),
 ]
 
 # Rows of data.csv that are dropped: (problem, the row's text, its line, reason).
@@ -357,3 +362,10 @@ def test_every_test_the_doc_names_exists():
             path, name = reference
             assert f"def {name}(" in (REPO / path).read_text(), f"{path}::{name}"
         assert "tests/" in row[3], row[0]
+
+
+def test_validate_refuses_a_report_path_that_is_a_folder(tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(GOOD + b"\n")
+    assert main(["validate", str(data), "--report", str(tmp_path)]) == 2
+    assert f"--report {tmp_path} is a folder" in capsys.readouterr().err

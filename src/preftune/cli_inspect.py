@@ -141,6 +141,7 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def _score(args: argparse.Namespace) -> int:
+    from preftune.rundir import check_output_file
     from preftune.runs import open_run
     from preftune.scoring import (
         read_score_records,
@@ -151,6 +152,7 @@ def _score(args: argparse.Namespace) -> int:
     )
 
     _positive("--batch-size", args.batch_size)
+    check_output_file(args.output, "--output")
     records = read_score_records(args.input)  # checked before any model loads
     run = open_run(args.run, args.reference, args.beta)
     items = tokenize_records(records, run.pair_tokenizer(), args.input)
@@ -253,11 +255,14 @@ def _prompt_tail(tokenizer, prompt_text: str, width: int = 60) -> str:
 
 def _compare(args: argparse.Namespace) -> int:
     from preftune.compare import compare, comparison_row, format_table, read_prompts
+    from preftune.rundir import check_output_file
     from preftune.runs import open_run
     from preftune.scoring import write_jsonl_atomic
 
     _positive("--max-new-tokens", args.max_new_tokens)
     _positive("--batch-size", args.batch_size)
+    if args.output:
+        check_output_file(args.output, "--output")
     if args.kl_samples is not None and args.kl_samples < 0:
         raise ValueError(f"--kl-samples must be >= 0 (got {args.kl_samples})")
     run = open_run(args.run, args.reference, args.beta)

@@ -13,6 +13,17 @@ class RunDirError(ValueError):
     """The run directory cannot be used; the message says why and what to do."""
 
 
+def check_output_file(path: str | Path, flag: str) -> None:
+    """Refuse, before any work is done, an output file that could not be written at the end:
+    a path that is a folder, or one below a file. Missing folders are created on writing."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give the path of a file")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"{flag} {path}: {parent} is a file, not a folder")
+
+
 @dataclass(frozen=True)
 class RunDir:
     path: Path

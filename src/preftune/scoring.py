@@ -29,7 +29,14 @@ import torch
 from torch import nn
 
 from preftune.data.collate import collate_sequences
-from preftune.data.formats import BadRecord, Messages, PreferencePair, _messages, describe_type
+from preftune.data.formats import (
+    BadRecord,
+    Messages,
+    PreferencePair,
+    _messages,
+    check_unicode,
+    describe_type,
+)
 from preftune.data.report import DataError
 from preftune.data.sources import read_records
 from preftune.data.tokenize import PairTokenizer, TokenizedPair
@@ -113,6 +120,8 @@ def parse_score_record(raw: Mapping, number: int) -> ScoreRecord:
             raise BadRecord("missing field 'rejected'")
         fields = [("chosen", raw["chosen"]), ("rejected", raw["rejected"])]
         labels = ("chosen", "rejected")
+    for name, value in [("prompt", raw["prompt"]), *fields]:
+        check_unicode(name, value)
     prompt = parse_prompt(raw["prompt"])
     responses = tuple(_response(name, value, prompt) for name, value in fields)
     return ScoreRecord(number, prompt, responses, labels)

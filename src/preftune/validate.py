@@ -18,6 +18,7 @@ from pathlib import Path
 
 from preftune.config import TrainConfig
 from preftune.data.report import DataError, DataReport
+from preftune.rundir import check_output_file
 
 
 def problem_lines(report: DataReport, limit: int | None = None) -> list[str]:
@@ -81,6 +82,8 @@ def load_tokenizer(spec: str):
 def _run(args: argparse.Namespace) -> int:
     # The training config's own checks (a --max-length below 8 is refused as in training).
     TrainConfig(max_length=args.max_length, chat_template=args.chat_template)
+    if args.report:
+        check_output_file(args.report, "--report")
     report, lengths, error = validate(
         args.data,
         split=args.split,

@@ -149,6 +149,10 @@ def normalize_record(
                 "expected text or a list of messages"
             )
 
+    for field in ("prompt", "chosen", "rejected"):
+        if field in raw:
+            check_unicode(field, raw[field])
+
     if "prompt" in raw:
         prompt, chosen, rejected = _explicit(raw["prompt"], raw["chosen"], raw["rejected"])
     elif isinstance(raw["chosen"], str) and isinstance(raw["rejected"], str):
@@ -161,6 +165,28 @@ def normalize_record(
     if chosen == rejected:
         raise BadRecord("identical chosen and rejected")
     return PreferencePair(prompt, chosen, rejected, source=source, record=record)
+
+
+def check_unicode(field: str, value: Any) -> None:
+    """Refuse text that UTF-8 cannot encode: a lone surrogate such as ``\\ud800``, which
+    JSON's ``\\u`` escapes can spell but no tokenizer accepts. ``value`` is text or a list
+    of messages; anything else is left to the type checks."""
+    if isinstance(value, str):
+        texts = [value]
+    elif _is_text_or_messages(value):
+        texts = [m.get("content") for m in value if isinstance(m, Mapping)]
+    else:
+        return
+    for text in texts:
+        if not isinstance(text, str):
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise BadRecord(
+                f"field '{field}' has a lone surrogate {text[err.start]!r} at character "
+                f"{err.start}: not valid Unicode text"
+            ) from None
 
 
 def _is_text_or_messages(value: Any) -> bool:
