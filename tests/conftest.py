@@ -20,6 +20,14 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session")
+def pairs(tmp_path_factory) -> tuple[Path, Path]:
+    """The train and held-out files of training_runs.py, written once and only read."""
+    from training_runs import write_pairs
+
+    return write_pairs(tmp_path_factory.mktemp("pairs"))
+
+
+@pytest.fixture(scope="session")
 def hh_file() -> Path:
     if not HH_FILE.is_file():
         pytest.skip(f"real HH data not found at {HH_FILE} (expected ../shared beside the repo)")

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from training_runs import REPO, metric_rows, train_args, write_pairs
+from training_runs import REPO, metric_rows, train_args
 
 from preftune.cli import main
 from preftune.config import TrainConfig
@@ -94,11 +94,6 @@ def _assert_same_run(single, parallel) -> None:
     assert weights_a.keys() == weights_b.keys()
     for name, tensor in weights_a.items():
         torch.testing.assert_close(weights_b[name], tensor, rtol=1e-6, atol=1e-6)
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    return write_pairs(tmp_path_factory.mktemp("pairs"))
 
 
 @pytest.fixture(autouse=True)

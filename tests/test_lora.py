@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_runs import assert_same_weights, metric_rows, train_args, write_pairs
+from training_runs import assert_same_weights, metric_rows, train_args
 
 from preftune import lora, models
 from preftune.cli import main
@@ -20,11 +20,6 @@ from preftune.data.tokenize import PairTokenizer
 from preftune.logps import sequence_logps
 
 LORA = ["--lora", "--lora-r", "4", "--lr", "1e-2"]
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    return write_pairs(tmp_path_factory.mktemp("pairs"))
 
 
 @pytest.fixture(scope="module")

@@ -21,16 +21,10 @@ from training_runs import (
     metric_rows,
     start,
     train_args,
-    write_pairs,
 )
 
 from preftune import checkpoint
 from preftune.cli import main
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    return write_pairs(tmp_path_factory.mktemp("pairs"))
 
 
 @pytest.fixture(scope="module")

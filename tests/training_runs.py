@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -100,3 +101,16 @@ def assert_same_weights(a: Path, b: Path) -> None:
     assert first.keys() == second.keys()
     for name, tensor in first.items():
         assert torch.equal(tensor, second[name]), name
+
+
+def assert_same_steps(a: tuple[list[dict], dict], b: tuple[list[dict], dict], rtol: float) -> None:
+    """Two in-process trainings, each (metrics of every step, named parameters after them),
+    agree on each step's loss, margin, chosen log-prob and gradient norm, and on every
+    weight."""
+    (values_a, params_a), (values_b, params_b) = a, b
+    assert len(values_a) == len(values_b)
+    for x, y in zip(values_a, values_b):
+        for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
+            assert x[key] == pytest.approx(y[key], rel=rtol, abs=1e-6), key
+    for name, value in params_a.items():
+        torch.testing.assert_close(value, params_b[name], rtol=rtol, atol=1e-6)

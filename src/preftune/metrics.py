@@ -39,8 +39,8 @@ def pair_sums(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
     components: dict[str, torch.Tensor],
-    chosen_lengths: torch.Tensor | None = None,
-    rejected_lengths: torch.Tensor | None = None,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
     """Per-batch sums of the per-pair metrics; divide by the pair count to average.
 
@@ -56,10 +56,9 @@ def pair_sums(
         "rewards/accuracies": reward_accuracies(chosen_rewards, rejected_rewards).sum(),
         "logps/chosen": policy_chosen_logps.detach().sum(),
         "logps/rejected": policy_rejected_logps.detach().sum(),
+        "lengths/chosen": chosen_lengths.sum().float(),
+        "lengths/rejected": rejected_lengths.sum().float(),
     }
-    if chosen_lengths is not None and rejected_lengths is not None:
-        sums["lengths/chosen"] = chosen_lengths.sum().float()
-        sums["lengths/rejected"] = rejected_lengths.sum().float()
     for name, values in components.items():
         sums[f"loss/{name}"] = values.detach().sum()
     return sums

@@ -118,11 +118,22 @@ class LogpsTrend:
     def rejected_change_per_token(self) -> float | None:
         return _per_token_change(self.rejected, self.rejected_tokens)
 
-    def fell(self, which: str) -> bool:
-        """Whether the ``which`` ("chosen" or "rejected") log-prob fell (see FALL_NATS_PER_TOKEN)."""
+    def _ruled_change(self, which: str) -> tuple[float, float]:
+        """The ``which`` ("chosen" or "rejected") change the rule reads, and its threshold:
+        per token when the run logged lengths, else per response."""
         if self.per_token:
-            return getattr(self, f"{which}_change_per_token") < -FALL_NATS_PER_TOKEN
-        return getattr(self, f"{which}_change") < -FALL_NATS
+            return getattr(self, f"{which}_change_per_token"), FALL_NATS_PER_TOKEN
+        return getattr(self, f"{which}_change"), FALL_NATS
+
+    def moved(self, which: str) -> bool:
+        """Whether that log-prob rose or fell by more than the rule's threshold."""
+        change, threshold = self._ruled_change(which)
+        return abs(change) > threshold
+
+    def fell(self, which: str) -> bool:
+        """Whether that log-prob fell by more than the rule's threshold."""
+        change, threshold = self._ruled_change(which)
+        return change < -threshold
 
     @property
     def fall_rule(self) -> str:

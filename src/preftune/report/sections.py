@@ -7,8 +7,6 @@ import math
 from typing import Any
 
 from preftune.report.diagnostics import (
-    FALL_NATS,
-    FALL_NATS_PER_TOKEN,
     LogpsTrend,
     loss_name,
     median_of,
@@ -295,9 +293,7 @@ def _move(trend: LogpsTrend, which: str) -> str:
     change = end - start
     per_token = getattr(trend, f"{which}_change_per_token")
     tokens = "" if per_token is None else f", {per_token:+.3f} nats per token"
-    steady = abs(per_token) <= FALL_NATS_PER_TOKEN if per_token is not None else (
-        abs(change) <= FALL_NATS)
-    if steady:
+    if not trend.moved(which):
         return f"held steady ({start:.2f} → {end:.2f} nats{tokens})"
     verb = "fell" if change < 0 else "rose"
     factor = _factor(abs(change))
