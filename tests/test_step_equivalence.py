@@ -11,18 +11,28 @@ import copy
 import pytest
 import torch
 
-from preftune import models, reference
+from preftune import attention, logps, models, reference
 from preftune.data.formats import PreferencePair
-from preftune.data.tokenize import PairTokenizer
-from preftune.forward import StepOptions, pair_forward
-from preftune.logps import ChunkedHeadLogps, shared_prefix_is_exact
+from preftune.data.tokenize import PairTokenizer, TokenizedPair
+from preftune.forward import StepOptions, layout, model_logps, pair_forward
+from preftune.logps import (
+    ChunkedHeadLogps,
+    distance_dependent_attention,
+    packing_is_exact,
+    shared_prefix_is_exact,
+)
 from preftune.losses import LossParams
 
-NAIVE = StepOptions(concat_forward=False, head_only=False, prefix_sharing=False)
+NAIVE = StepOptions(concat_forward=False, head_only=False, prefix_sharing=False, packing=False)
 VARIANTS = {
-    "concat": StepOptions(concat_forward=True, head_only=False, prefix_sharing=False),
-    "head_only": StepOptions(concat_forward=False, head_only=True, prefix_sharing=False),
-    "prefix_sharing": StepOptions(concat_forward=False, head_only=False, prefix_sharing=True),
+    "concat": StepOptions(concat_forward=True, head_only=False, prefix_sharing=False,
+                          packing=False),
+    "head_only": StepOptions(concat_forward=False, head_only=True, prefix_sharing=False,
+                             packing=False),
+    "prefix_sharing": StepOptions(concat_forward=False, head_only=False, prefix_sharing=True,
+                                  packing=False),
+    "packing": StepOptions(concat_forward=False, head_only=False, prefix_sharing=True,
+                           packing=True),
     "all": StepOptions(),
 }
 
@@ -79,9 +89,38 @@ def test_option_matches_naive_logps_loss_and_gradients(model_and_pairs, variant)
         torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6)
 
 
-def test_prefix_sharing_is_used_for_llama_and_gpt2(model_and_pairs):
-    model, _, _ = model_and_pairs
+def test_prefix_sharing_and_packing_are_used_for_llama_and_gpt2(model_and_pairs):
+    model, tok, pairs = model_and_pairs
     assert shared_prefix_is_exact(model)
+    assert packing_is_exact(model)
+    assert model.config._attn_implementation == attention.NAME
+    (batch,) = layout(model, pairs, tok.pad_token_id, StepOptions())
+    assert batch.input_ids.shape == (1, sum(len(p.prompt_ids) + len(p.chosen_ids)
+                                            + len(p.rejected_ids) for p in pairs))
+    assert batch.attention_mask is None and len(batch.segments) == len(pairs)
+
+
+def test_packed_model_still_generates_and_saves_as_sdpa(tiny_llama_folder, tmp_path):
+    """Outside packed batches the attention is transformers' SDPA: same logits as before,
+    and a saved model does not name preftune's attention function."""
+    model, _ = models.load(str(tiny_llama_folder))
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        assert packing_is_exact(model)
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    model.save_pretrained(tmp_path)
+    assert attention.NAME not in (tmp_path / "config.json").read_text()
+
+
+def test_packing_falls_back_on_eager_attention(tiny_llama_folder):
+    model, tok = models.load(str(tiny_llama_folder))
+    model.set_attn_implementation("eager")
+    assert not packing_is_exact(model)
+    assert model.config._attn_implementation == "eager"
+    batches = layout(model, _pairs(tok), tok.pad_token_id, StepOptions())
+    assert all(batch.segments is None for batch in batches)
 
 
 def test_chunked_head_gradients_match_autograd():
@@ -127,3 +166,48 @@ def test_reference_cache_key_changes_with_weights_data_and_tokenization(tiny_lla
                         lambda *a, **k: pytest.fail("cache was not used"))
     (again,) = reference.attach_reference_logps(model, [pairs], tok.pad_token_id, 2)
     assert all(p.reference_logps is not None for p in again)
+
+
+def _tiny_mistral(sliding_window):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=512, sliding_window=sliding_window)
+    return MistralForCausalLM(config).eval()
+
+
+def _long_pair(index, n=40):
+    ids = tuple(3 + (5 * i) % 120 for i in range(3 * n))
+    return TokenizedPair(ids[:n], ids[n:2 * n], ids[2 * n:], "long", index, "")
+
+
+def test_sliding_window_models_use_separate_rows_and_score_exactly():
+    model = _tiny_mistral(sliding_window=8)
+    assert distance_dependent_attention(model) == "sliding_window=8"
+    pairs = [_long_pair(0), _long_pair(1, n=12)]
+    batches = layout(model, pairs, 0, StepOptions())
+    assert [b.segments for b in batches] == [None] and batches[0].attention_mask.dim() == 2
+    naive = model_logps(model, layout(model, pairs, 0, NAIVE), NAIVE)
+    torch.testing.assert_close(model_logps(model, batches, StepOptions()), naive,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_layout_self_check_reads_the_real_pairs(monkeypatch):
+    """A window longer than the self-check's own pairs but shorter than the data: only the
+    real pairs show that the prefix-shared mask (which replaces the window) is wrong."""
+    monkeypatch.setattr(logps, "distance_dependent_attention", lambda model: None)
+    assert shared_prefix_is_exact(_tiny_mistral(sliding_window=60))  # self-check pairs only
+    assert not shared_prefix_is_exact(_tiny_mistral(sliding_window=60), [_long_pair(0, n=80)])
+
+
+def test_full_attention_configs_are_not_distance_dependent(tiny_llama):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    assert distance_dependent_attention(tiny_llama[0]) is None
+    qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, use_sliding_window=False,
+                                        sliding_window=4096))
+    assert distance_dependent_attention(qwen) is None

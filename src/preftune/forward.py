@@ -4,6 +4,10 @@ Shared by training, evaluation and scoring, so there is one implementation of it
 pairs are laid out is a switchable choice (:class:`StepOptions`); every layout gives the
 same sequence log-probs (tests hold them to the naive path at 1e-5):
 
+- ``packing`` (with ``prefix_sharing``): the ``[prompt][chosen][rejected]`` rows of all the
+  pairs end to end in one row without padding, attention computed pair by pair
+  (:mod:`preftune.attention`), for models that pass :func:`preftune.logps.packing_is_exact`;
+  else
 - ``prefix_sharing``: one row ``[prompt][chosen][rejected]`` per pair, for models that pass
   the self-check in :func:`preftune.logps.shared_prefix_is_exact`; else
 - ``concat_forward``: chosen and rejected rows stacked, one call per model; else
@@ -28,12 +32,18 @@ from torch import nn
 
 from preftune.data.collate import (
     PairBatch,
+    collate_packed,
     collate_pairs,
     collate_sequences,
     collate_shared_prefix,
 )
 from preftune.data.tokenize import TokenizedPair
-from preftune.logps import head_only_is_exact, sequence_logps, shared_prefix_is_exact
+from preftune.logps import (
+    head_only_is_exact,
+    packing_is_exact,
+    sequence_logps,
+    shared_prefix_is_exact,
+)
 from preftune.losses import LossOutput, LossParams, compute_loss
 from preftune.metrics import pair_sums
 
@@ -46,6 +56,7 @@ class StepOptions:
     head_only: bool = True
     prefix_sharing: bool = True
     autocast: bool = False  # bfloat16 autocast around model calls: faster, not exact
+    packing: bool = True  # prefix-shared rows end to end in one row (needs prefix_sharing)
 
 
 AUTOCAST_DTYPE = torch.bfloat16
@@ -90,7 +101,9 @@ class PairForward:
 def layout(model: nn.Module, pairs: list[TokenizedPair], pad_id: int,
            options: StepOptions) -> list[PairBatch]:
     """Batches whose sequences, concatenated, are chosen (B) then rejected (B)."""
-    if options.prefix_sharing and shared_prefix_is_exact(model):
+    if options.prefix_sharing and options.packing and packing_is_exact(model, pairs):
+        return [collate_packed(pairs)]
+    if options.prefix_sharing and shared_prefix_is_exact(model, pairs):
         return [collate_shared_prefix(pairs, pad_id)]
     if options.concat_forward:
         return [collate_pairs(pairs, pad_id)]
@@ -111,7 +124,7 @@ def model_logps(model: nn.Module, batches: list[PairBatch], options: StepOptions
             return torch.cat([sequence_logps(model, b.to(device), head_only) for b in batches])
         return torch.cat([
             wrapped(b.input_ids, b.attention_mask, b.position_ids, b.predictors, b.targets,
-                    b.sequences, b.num_sequences, head_only)
+                    b.sequences, b.num_sequences, head_only, b.segments)
             for b in (batch.to(device) for batch in batches)
         ])
 
@@ -133,8 +146,10 @@ def pair_forward(
         ref_logps = torch.tensor([p.reference_logps[0] for p in pairs]
                                  + [p.reference_logps[1] for p in pairs])
     elif reference is not None:
+        # The layout is the reference's own: packing switches each model's attention itself.
+        ref_batches = batches if reference is policy else layout(reference, pairs, pad_id, options)
         with torch.no_grad():
-            ref_logps = model_logps(reference, batches, options)
+            ref_logps = model_logps(reference, ref_batches, options)
     lengths = torch.cat([batch.lengths() for batch in batches]).to(policy_logps.device)
     ref_chosen = ref_rejected = None
     if ref_logps is not None:

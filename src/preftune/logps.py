@@ -18,6 +18,10 @@ upcast to float32 before the log-softmax, so sequence log-probs, and the loss co
 them, are float32 sums. Under autocast the head's matrix product runs in the autocast dtype
 in both passes of :class:`ChunkedHeadLogps`, as autocast would run ``F.linear``.
 
+A packed batch (several pairs in one row, :mod:`preftune.attention`) passes its segments to
+the model's attention as a keyword argument; a model not switched to preftune's attention
+refuses it rather than reading the row as one sequence.
+
 :class:`SequenceLogps` puts :func:`sequence_logps` in a module's ``forward``, so that a
 distributed engine (DDP, FSDP, DeepSpeed) that wraps the module sees each forward pass.
 """
@@ -32,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from preftune import attention
+
 if TYPE_CHECKING:
     from preftune.data.collate import PairBatch
 
@@ -40,6 +46,7 @@ log = logging.getLogger(__name__)
 HEAD_CHUNK_TOKENS = 1024
 _exactness: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _prefix_exactness: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_packing_exactness: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def sequence_logps(
@@ -56,6 +63,12 @@ def sequence_logps(
               "use_cache": False}
     if batch.position_ids is not None:
         inputs["position_ids"] = batch.position_ids
+    if batch.segments is not None:
+        # A model on another attention would read the packed row as one long sequence.
+        if not attention.is_enabled(model):
+            raise ValueError(f"{type(model).__name__} was given a packed batch, but its "
+                             "attention is not preftune's packed attention")
+        inputs[attention.SEGMENTS_KWARG] = batch.segments
     if head_only:
         body, head = _body_and_head(model)
         hidden = body(**inputs)[0]  # (N, T, H)
@@ -144,11 +157,11 @@ class SequenceLogps(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor | None, predictors: torch.Tensor,
                 targets: torch.Tensor, sequences: torch.Tensor, num_sequences: int,
-                head_only: bool) -> torch.Tensor:
+                head_only: bool, segments: tuple | None = None) -> torch.Tensor:
         from preftune.data.collate import PairBatch
 
         batch = PairBatch(input_ids, attention_mask, position_ids, predictors, targets,
-                          sequences, num_sequences, 0, 0)
+                          sequences, num_sequences, 0, 0, segments)
         return sequence_logps(self.model, batch, head_only)  # (num_sequences,)
 
 
@@ -192,29 +205,101 @@ def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     return body, head
 
 
-def shared_prefix_is_exact(model: nn.Module) -> bool:
+def shared_prefix_is_exact(model: nn.Module, pairs: list | None = None) -> bool:
     """Whether the model honours the prefix-shared layout's mask and positions (checked once).
 
     Architectures that ignore a 4D attention mask or custom position ids would silently mix
-    the chosen response into the rejected one's context; they use the stacked layout.
+    the chosen response into the rejected one's context; they use the stacked layout. So do
+    models whose attention depends on distance (a sliding window, chunks): a custom mask
+    replaces the window, which a short self-check cannot see. ``pairs``, the first real
+    pairs the model is given, join the self-check (see :func:`_layout_is_exact`).
     """
-    if model in _prefix_exactness:
-        return _prefix_exactness[model]
-    from preftune.data.collate import collate_pairs, collate_shared_prefix
+    from preftune.data.collate import collate_shared_prefix
+
+    if model not in _prefix_exactness:
+        _prefix_exactness[model] = _layout_is_exact(
+            model, lambda batch: collate_shared_prefix(batch, 0), "prefix-shared", pairs)
+    return _prefix_exactness[model]
+
+
+def packing_is_exact(model: nn.Module, pairs: list | None = None) -> bool:
+    """Whether packed pairs (:mod:`preftune.attention`) score as separate rows (checked once).
+
+    Switches a model on transformers' SDPA attention to the packed-aware function and
+    compares; a model that fails keeps (or gets back) its own attention.
+    """
+    from preftune.data.collate import collate_packed
+
+    if model not in _packing_exactness:
+        enabled = attention.enable_packing(model)
+        if not enabled:
+            log.info("%s: attention is %r, not sdpa: no packing", type(model).__name__,
+                     getattr(getattr(model, "config", None), "_attn_implementation", None))
+        exact = enabled and _layout_is_exact(model, collate_packed, "packed", pairs)
+        if not exact:
+            attention.disable_packing(model)
+        _packing_exactness[model] = exact
+    return _packing_exactness[model]
+
+
+# The self-check's own pairs: one with a 20-token prompt and responses of 9 and 25 tokens,
+# one with a single-token chosen response.
+_CHECK_IDS = [(7 * i) % 89 + 3 for i in range(60)]
+CHECK_PAIRS = (
+    (tuple(_CHECK_IDS[:20]), tuple(_CHECK_IDS[20:29]), tuple(_CHECK_IDS[29:54])),
+    ((13, 14), (15,), (16, 17, 18)),
+)
+_CHECK_REAL_PAIRS = 2  # real pairs added to the self-check, from the first batch
+
+
+def distance_dependent_attention(model: nn.Module) -> str | None:
+    """What makes the model's attention depend on distance (sliding window, chunks), if any."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        other = sorted({str(t) for t in layer_types if t != "full_attention"})
+        return f"layer types {', '.join(other)}" if other else None
+    if getattr(config, "use_sliding_window", None) is False:
+        return None
+    for name in ("sliding_window", "attention_chunk_size", "sliding_window_size"):
+        value = getattr(config, name, None)
+        if value:
+            return f"{name}={value}"
+    return None
+
+
+def _layout_is_exact(model: nn.Module, collate, name: str, pairs: list | None = None) -> bool:
+    """Log-probs in ``collate``'s layout equal the stacked layout's, on the self-check pairs
+    and the first real ones (whose lengths a model with length-dependent attention needs).
+
+    The tolerance is 2e-5 relative (plus 1e-4 absolute) for float32 weights, where layouts
+    differ by about 1e-6 in summation order alone, and 2e-2 for half-precision ones, whose
+    rounding alone differs between layouts by more than that.
+    """
+    from preftune.data.collate import collate_pairs
     from preftune.data.tokenize import TokenizedPair
 
-    pair = TokenizedPair((3, 4, 5), (6, 7, 8), (9, 10, 11, 12), "self-check", 0, "")
-    device = next(model.parameters()).device
+    reason = distance_dependent_attention(model)
+    if reason is not None:
+        log.info("%s: no %s layout (attention with %s)", type(model).__name__, name, reason)
+        return False
+    check = [TokenizedPair(p, c, r, "self-check", i, "") for i, (p, c, r) in
+             enumerate(CHECK_PAIRS)] + list(pairs or [])[:_CHECK_REAL_PAIRS]
+    weight = next(model.parameters())
+    rtol, atol = (2e-5, 1e-4) if weight.dtype in (torch.float32, torch.float64) else (2e-2, 2e-2)
     try:
         with torch.no_grad():
-            shared = sequence_logps(model, collate_shared_prefix([pair], 0).to(device))
-            stacked = sequence_logps(model, collate_pairs([pair], 0).to(device))
-        exact = bool(torch.allclose(shared, stacked, rtol=1e-4, atol=1e-4))
+            fast = sequence_logps(model, collate(check).to(weight.device))
+            stacked = sequence_logps(model, collate_pairs(check, 0).to(weight.device))
+        exact = bool(torch.allclose(fast, stacked, rtol=rtol, atol=atol))
     except (RuntimeError, ValueError, TypeError) as err:
-        log.info("%s: no prefix sharing (%s)", type(model).__name__, err)
-        exact = False
+        log.info("%s: no %s layout (%s)", type(model).__name__, name, err)
+        return False
     if not exact:
-        log.warning("%s: the prefix-shared layout differs from separate sequences; "
-                    "using the stacked layout", type(model).__name__)
-    _prefix_exactness[model] = exact
+        log.warning("%s: the %s layout differs from separate sequences; using another layout",
+                    type(model).__name__, name)
     return exact

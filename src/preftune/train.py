@@ -33,8 +33,8 @@ from preftune.data.report import DataReport
 from preftune.data.tokenize import TokenizedPair
 from preftune.distributed import Engine
 from preftune.evaluate import evaluate
-from preftune.forward import pair_forward
-from preftune.logps import head_only_is_exact, shared_prefix_is_exact
+from preftune.forward import layout, pair_forward
+from preftune.logps import head_only_is_exact
 from preftune.losses import LOSSES
 from preftune.metrics import MetricsLog, NoLog, add_sums, averages, console_line
 from preftune.policy import load_policy, reference_for, save_policy, trainable_parameters
@@ -150,9 +150,6 @@ def train(cfg: TrainConfig) -> TrainResult:
     self_reference = (needs_reference and cfg.precompute_reference and not engine.sharded
                       and not lora.is_lora(policy))
     reference = reference_for(policy) if needs_reference and not self_reference else None
-    for model in (policy, reference) if reference is not None else (policy,):
-        head_only_is_exact(model)  # checked once per model, before an engine wraps it
-        shared_prefix_is_exact(model)
     pad_id = tokenizer.pad_token_id
 
     # Data: every dropped or altered record goes to data_report.json.
@@ -167,6 +164,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         log.info("  %s", line)
     if report.entries:
         log.info("  every record dropped or altered is listed in %s", run.path / "data_report.json")
+    # Each layout's self-check, once per model before an engine wraps it, also on the run's
+    # two longest pairs: attention that changes with length must show it there.
+    longest = sorted(train_pairs, key=lambda p: p.num_tokens)[-2:]
+    for model in (policy, reference) if reference is not None else (policy,):
+        head_only_is_exact(model)
+        layout(model, longest, pad_id, cfg.step_options())
     if reference is not None:
         reference = engine.prepare_reference(reference)
     steps = total_steps(cfg, len(train_pairs))

@@ -1,6 +1,6 @@
 """Batching tokenized pairs into model inputs plus a plan of which log-probs to gather.
 
-Two layouts give the same sequence log-probs:
+Three layouts give the same sequence log-probs:
 
 - **stacked** (:func:`collate_pairs`): B pairs become 2B rows, ``prompt + chosen`` for each
   pair and then ``prompt + rejected``, right-padded to the longest row.
@@ -9,6 +9,9 @@ Two layouts give the same sequence log-probs:
   tokens, and a (B, 1, T, T) mask lets rejected tokens see the prompt but not the chosen
   ones, so the row computes exactly what the two stacked rows compute while the prompt is
   run once instead of twice.
+- **packed** (:func:`collate_packed`): the prefix-shared rows of every pair laid end to end
+  in one row, with no padding. It carries a :class:`~preftune.attention.Segment` per pair
+  instead of a mask, and attention runs pair by pair (:mod:`preftune.attention`).
 
 Either way the batch carries a gather plan: for each response token, the flat index of the
 hidden state that predicts it (``predictors``), its id (``targets``) and the sequence it
@@ -23,6 +26,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from preftune.attention import Segment, rejected_mask
+
 if TYPE_CHECKING:
     from preftune.data.tokenize import TokenizedPair
 
@@ -30,7 +35,8 @@ if TYPE_CHECKING:
 @dataclass
 class PairBatch:
     input_ids: torch.Tensor  # (N, T)
-    attention_mask: torch.Tensor  # (N, T) 1 on real tokens, or (N, 1, T, T) bool for shared prefix
+    # (N, T) 1 on real tokens, (N, 1, T, T) bool for shared prefix, None when packed
+    attention_mask: torch.Tensor | None
     position_ids: torch.Tensor | None  # (N, T), None for the model's default positions
     predictors: torch.Tensor  # (M,) flat index into N * T of the state predicting each target
     targets: torch.Tensor  # (M,) token ids of every response token
@@ -38,6 +44,7 @@ class PairBatch:
     num_sequences: int  # 2B for pairs (chosen then rejected), or the number of sequences
     num_pairs: int  # B, or 0 for single sequences
     num_tokens: int  # real tokens as a model reading each sequence whole would see them
+    segments: tuple[Segment, ...] | None = None  # packed layout: each pair's span of the row
 
     def to(self, device: torch.device | str) -> PairBatch:
         """Move every tensor to ``device`` (in place); returns the batch."""
@@ -46,6 +53,8 @@ class PairBatch:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))
+        if self.segments is not None:
+            self.segments = tuple(segment.to(device) for segment in self.segments)
         return self
 
     def lengths(self) -> torch.Tensor:
@@ -122,6 +131,41 @@ def collate_shared_prefix(pairs: list[TokenizedPair], pad_id: int) -> PairBatch:
         input_ids, allowed.unsqueeze(1), position_ids, predictors_t, targets,
         torch.tensor(sequences[0] + sequences[1], dtype=torch.long), 2 * b, b,
         sum(p.num_tokens for p in pairs),
+    )
+
+
+def collate_packed(pairs: list[TokenizedPair]) -> PairBatch:
+    """Packed layout: ``[prompt][chosen][rejected]`` of every pair in one row, no padding.
+
+    Positions and the gather plan are those of :func:`collate_shared_prefix`, offset by
+    where each pair starts in the row.
+    """
+    b = len(pairs)
+    ids: list[int] = []
+    positions: list[int] = []
+    segments = []
+    predictors: dict[int, list[int]] = {0: [], 1: []}  # chosen, rejected
+    target_positions: dict[int, list[int]] = {0: [], 1: []}
+    sequences: dict[int, list[int]] = {0: [], 1: []}
+    for i, pair in enumerate(pairs):
+        a = len(ids)
+        p, c, r = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
+        ids += [*pair.prompt_ids, *pair.chosen_ids, *pair.rejected_ids]
+        positions += [*range(p + c), *range(p, p + r)]
+        segments.append(Segment(a, p, c, r, rejected_mask(p, r)))
+        predictors[0] += range(a + p - 1, a + p + c - 1)
+        predictors[1] += [a + p - 1, *range(a + p + c, a + p + c + r - 1)]
+        target_positions[0] += (a + t for t in _span(pair, "chosen"))
+        target_positions[1] += (a + t for t in _span(pair, "rejected"))
+        sequences[0] += [i] * c
+        sequences[1] += [b + i] * r
+    input_ids = torch.tensor([ids], dtype=torch.long)
+    targets = input_ids[0, torch.tensor(target_positions[0] + target_positions[1])]
+    return PairBatch(
+        input_ids, None, torch.tensor([positions], dtype=torch.long),
+        torch.tensor(predictors[0] + predictors[1], dtype=torch.long), targets,
+        torch.tensor(sequences[0] + sequences[1], dtype=torch.long), 2 * b, b,
+        sum(p.num_tokens for p in pairs), tuple(segments),
     )
 
 
