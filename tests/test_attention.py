@@ -97,3 +97,11 @@ def test_segments_move_with_the_batch():
     batch = collate_packed(PAIRS).to("meta")
     assert all(s.rejected_mask.device.type == "meta" for s in batch.segments)
     assert isinstance(batch.segments[0], Segment)
+
+
+def test_an_additive_mask_is_refused():
+    """Some models carry a learned bias in the mask (Doge); per-pair attention would drop it."""
+    q = torch.randn(1, 2, 12, 4)
+    with pytest.raises(ValueError, match="additive"):
+        segment_attention(types.SimpleNamespace(), q, q, q, torch.zeros(1, 1, 12, 12),
+                          preftune_segments=collate_packed(PAIRS).segments)

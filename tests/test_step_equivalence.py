@@ -18,6 +18,7 @@ from preftune.forward import StepOptions, layout, model_logps, pair_forward
 from preftune.logps import (
     ChunkedHeadLogps,
     distance_dependent_attention,
+    head_only_is_exact,
     packing_is_exact,
     shared_prefix_is_exact,
 )
@@ -211,3 +212,24 @@ def test_full_attention_configs_are_not_distance_dependent(tiny_llama):
                                         num_key_value_heads=2, use_sliding_window=False,
                                         sliding_window=4096))
     assert distance_dependent_attention(qwen) is None
+
+
+def test_a_window_counts_whatever_the_layer_types_say():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           sliding_window=64)
+    config.layer_types = ["full_attention"] * 2  # Mistral applies the window all the same
+    assert distance_dependent_attention(MistralForCausalLM(config)) == "sliding_window=64"
+
+
+def test_soft_capped_logits_use_the_full_head_even_when_random_weights_hide_it():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        final_logit_softcapping=30.0)).eval()
+    assert not head_only_is_exact(model)

@@ -81,6 +81,10 @@ def segment_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         raise ValueError(f"packed attention does not implement {', '.join(unsupported)}")
     if query.shape[0] != 1:
         raise ValueError(f"a packed batch is one row, got {query.shape[0]}")
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        # Some models add a learned bias to the scores through the mask (Doge); per-pair
+        # masks would drop it, and with it its gradient.
+        raise ValueError("packed attention cannot apply an additive attention mask")
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         # Grouped-query attention: each key/value head serves `groups` query heads.

@@ -170,12 +170,24 @@ def _softmax_dtype(states: torch.Tensor) -> torch.dtype:
     return torch.float64 if states.dtype == torch.float64 else torch.float32
 
 
+# Config fields of models whose logits are more than head(body(x)): soft-capped (Gemma 2),
+# scaled (Cohere, Granite). A check on random weights can miss them, whose logits are tiny.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_softcapping", "logit_scale",
+                     "logits_scaling")
+
+
 def head_only_is_exact(model: nn.Module) -> bool:
     """Whether ``head(body(x))`` reproduces the model's own logits (checked once per model)."""
     if model in _exactness:
         return _exactness[model]
     exact = False
-    if _body_and_head(model) is not None:
+    config = getattr(model, "config", None)
+    transforms = [name for name in _LOGIT_TRANSFORMS
+                  if getattr(config, name, None) not in (None, 1, 1.0)]
+    if transforms:
+        log.info("%s: logits pass through %s; using full logits", type(model).__name__,
+                 ", ".join(transforms))
+    elif _body_and_head(model) is not None:
         from preftune.data.collate import collate_sequences
 
         batch = collate_sequences([(3, 4, 5)], [(6, 7, 8, 9, 10)], pad_id=0)
@@ -259,12 +271,13 @@ def distance_dependent_attention(model: nn.Module) -> str | None:
         return None
     if hasattr(config, "get_text_config"):
         config = config.get_text_config()
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types:
-        other = sorted({str(t) for t in layer_types if t != "full_attention"})
-        return f"layer types {', '.join(other)}" if other else None
+    other = sorted({str(t) for t in getattr(config, "layer_types", None) or ()
+                    if t != "full_attention"})
+    if other:
+        return f"layer types {', '.join(other)}"
     if getattr(config, "use_sliding_window", None) is False:
         return None
+    # A window is honoured by some models whatever their layer types say (Mistral).
     for name in ("sliding_window", "attention_chunk_size", "sliding_window_size"):
         value = getattr(config, name, None)
         if value:
