@@ -126,8 +126,8 @@ class TrainConfig:
         "stay float32)"
     )
     gradient_checkpointing: bool = _f(
-        True, "recompute each layer's activations in the backward pass: a third of the "
-        "memory of a step for about a quarter more compute, same gradients"
+        True, "recompute each layer's activations in the backward pass: less memory for one "
+        "more forward pass, same gradients"
     )
 
     # Scaling out: data-parallel processes (see docs/scaling.md).
