@@ -193,3 +193,43 @@ def test_eval_of_a_lora_run_loads_base_plus_adapter(lora_run):
 def test_bad_lora_settings_name_the_flag(values, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(")", r"\)")):
         TrainConfig(**values)
+
+
+def test_policy_and_reference_views_both_pack(tiny_llama):
+    """The reference view reads the policy's config, so both score packed rows."""
+    from preftune.forward import StepOptions, layout, model_logps
+    from preftune.logps import packing_is_exact
+
+    model, tokenizer = tiny_llama
+    policy = lora.add_adapter(model, 4, 8.0, 0.0, ["auto"])
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    reference = lora.reference_of(policy)
+    assert packing_is_exact(policy) and packing_is_exact(reference)
+    pairs = [PreferencePair("Q: colour?", " Red", " The sky is blue.", "t", 0)]
+    pairs = [PairTokenizer(tokenizer, 48)(p)[0] for p in pairs]
+    naive = StepOptions(concat_forward=False, head_only=False, prefix_sharing=False,
+                        packing=False)
+    for model_ in (policy, reference):
+        packed = layout(model_, pairs, tokenizer.pad_token_id, StepOptions())
+        assert packed[0].segments is not None
+        with torch.no_grad():
+            torch.testing.assert_close(
+                model_logps(model_, packed, StepOptions()),
+                model_logps(model_, layout(model_, pairs, tokenizer.pad_token_id, naive), naive),
+                rtol=1e-5, atol=1e-5)
+
+
+def test_saving_an_adapter_never_looks_the_base_up_on_the_hub(tiny_llama, tmp_path,
+                                                              monkeypatch):
+    import peft.utils.save_and_load as peft_save
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("saving looked the base model up on the hub")
+
+    monkeypatch.setattr(peft_save, "check_file_exists_on_hf_hub", no_hub)
+    policy = lora.add_adapter(tiny_llama[0], 4, 8.0, 0.0, ["auto"])
+    lora.save_adapter(policy, tmp_path, "smollm2-135m-instruct")  # a name, not a folder
+    assert (tmp_path / "adapter_model.safetensors").exists()

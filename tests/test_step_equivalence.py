@@ -150,13 +150,18 @@ def test_reference_cache_key_changes_with_weights_data_and_tokenization(tiny_lla
     monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path))
     model, tok = tiny_llama
     pairs = _pairs(tok)
-    digest = reference.weights_digest(model)
+    digest = reference.computed_by(reference.weights_digest(model), StepOptions(), 2)
     key = reference.cache_key(digest, pairs)
     assert reference.cache_key(digest, pairs) == key  # deterministic
     changed = copy.deepcopy(model)
     with torch.no_grad():
         next(changed.parameters())[0, 0] += 1e-3
-    assert reference.cache_key(reference.weights_digest(changed), pairs) != key  # weights
+    changed_digest = reference.computed_by(reference.weights_digest(changed), StepOptions(), 2)
+    assert reference.cache_key(changed_digest, pairs) != key  # weights
+    for other in (reference.computed_by(reference.weights_digest(model), StepOptions(), 4),
+                  reference.computed_by(reference.weights_digest(model),
+                                        StepOptions(packing=False), 2)):
+        assert reference.cache_key(other, pairs) != key  # batching, layout
     assert reference.cache_key(digest, pairs[:-1]) != key  # data
     assert reference.cache_key(digest, _pairs(tok, max_length=40)) != key  # tokenization
     # A second attach reads the cache file instead of running the model.

@@ -186,6 +186,11 @@ class AdapterReference(nn.Module):
     def get_output_embeddings(self):
         return self.policy.get_output_embeddings()
 
+    @property
+    def config(self):
+        """The policy's config: the same model, so the same attention implementation."""
+        return self.policy.config
+
     def parameters(self, recurse: bool = True):
         return self.policy.parameters(recurse)
 
@@ -261,7 +266,9 @@ def save_adapter(policy: nn.Module, folder: Path, base_spec: str) -> None:
     config = policy.peft_config[POLICY_ADAPTER]
     path = Path(base_spec).expanduser()
     config.base_model_name_or_path = str(path.resolve()) if path.exists() else base_spec
-    policy.save_pretrained(folder, selected_adapters=[POLICY_ADAPTER])
+    # Embeddings are never adapted; saying so keeps peft from looking the base up on the hub.
+    policy.save_pretrained(folder, selected_adapters=[POLICY_ADAPTER],
+                           save_embedding_layers=False)
 
 
 def save_merged(policy: nn.Module, folder: Path) -> None:

@@ -57,6 +57,19 @@ def cache_key(weights: str, pairs: list[TokenizedPair]) -> str:
     return digest.hexdigest()[:32]
 
 
+def computed_by(weights: str, options: StepOptions, batch_size: int,
+                world_size: int = 1) -> str:
+    """The weights' digest with how values are computed from them, for the cache key.
+
+    Autocast gives other values than the same weights without it. Batching and layout only
+    move float noise (about 1e-6 relative), but a run that batches as the cached values were
+    computed gets them bit for bit, so a policy equal to its reference has rewards of
+    exactly 0 instead of noise that can tip near-ties at step 0.
+    """
+    tag = "|autocast" if options.autocast else ""
+    return f"{weights}{tag}|{batch_size} x {world_size}|{options}"
+
+
 def compute_reference_logps(
     reference: nn.Module, pairs: list[TokenizedPair], pad_id: int, batch_size: int,
     options: StepOptions = StepOptions(), progress: bool = False,
@@ -91,8 +104,7 @@ def attach_reference_logps(
     """Return each list of pairs with its reference log-probs attached (cached on disk)."""
     engine = engine or Engine()
     weights = weights_digest(reference) if use_cache and not engine.sharded else ""
-    if options.autocast:
-        weights += "|autocast"  # other values than the same weights give without it
+    weights = computed_by(weights, options, batch_size, engine.world_size)
     # TODO: under FSDP/ZeRO-3 a process holds a shard of the weights, so there is no digest
     # to key the cache with; the values are computed afresh every run.
     use_cache = use_cache and not engine.sharded
