@@ -66,8 +66,7 @@ def computed_by(weights: str, options: StepOptions, batch_size: int,
     computed gets them bit for bit, so a policy equal to its reference has rewards of
     exactly 0 instead of noise that can tip near-ties at step 0.
     """
-    tag = "|autocast" if options.autocast else ""
-    return f"{weights}{tag}|{batch_size} x {world_size}|{options}"
+    return f"{weights}|{batch_size} x {world_size}|{options}"  # options name autocast too
 
 
 def compute_reference_logps(

@@ -97,40 +97,24 @@ def collate_pairs(pairs: list[TokenizedPair], pad_id: int) -> PairBatch:
 def collate_shared_prefix(pairs: list[TokenizedPair], pad_id: int) -> PairBatch:
     """Prefix-shared layout: one row ``[prompt][chosen][rejected]`` per pair."""
     b = len(pairs)
-    width = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    width = max(_row_length(p) for p in pairs)
     input_ids = torch.full((b, width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((b, width), dtype=torch.long)
     # Padding queries attend to themselves only, so no row of the mask is empty (an empty
     # row would make attention's softmax NaN); their outputs are never gathered.
     allowed = torch.eye(width, dtype=torch.bool).repeat(b, 1, 1)  # (B, T, T)
     causal = torch.ones((width, width), dtype=torch.bool).tril()
-    predictors = {0: [], 1: []}  # chosen, rejected
-    sequences = {0: [], 1: []}
     for i, pair in enumerate(pairs):
-        p, c, r = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
-        n = p + c + r
+        p, c, n = len(pair.prompt_ids), len(pair.chosen_ids), _row_length(pair)
         input_ids[i, :n] = torch.tensor(pair.prompt_ids + pair.chosen_ids + pair.rejected_ids)
-        position_ids[i, : p + c] = torch.arange(p + c)
-        position_ids[i, p + c : n] = torch.arange(p, p + r)
+        position_ids[i, :n] = torch.tensor(_positions(pair))
         allowed[i, :n, :n] = causal[:n, :n]
         allowed[i, p + c : n, p : p + c] = False  # rejected tokens never see the chosen ones
-        # Chosen token k (row position p + k) is predicted by position p + k - 1; rejected
-        # token k (row position p + c + k) by p - 1 for k = 0, else by p + c + k - 1.
-        predictors[0].extend(i * width + t for t in range(p - 1, p + c - 1))
-        predictors[1].extend(i * width + t for t in [p - 1, *range(p + c, n - 1)])
-        sequences[0].extend([i] * c)
-        sequences[1].extend([b + i] * r)
-    target_positions = {
-        0: [i * width + t for i, pair in enumerate(pairs) for t in _span(pair, "chosen")],
-        1: [i * width + t for i, pair in enumerate(pairs) for t in _span(pair, "rejected")],
-    }
-    flat = input_ids.flatten()
-    predictors_t = torch.tensor(predictors[0] + predictors[1], dtype=torch.long)
-    targets = flat[torch.tensor(target_positions[0] + target_positions[1], dtype=torch.long)]
+    predictors, targets, sequences = _gather_plan(pairs, [i * width for i in range(b)],
+                                                  input_ids.flatten())
     return PairBatch(
-        input_ids, allowed.unsqueeze(1), position_ids, predictors_t, targets,
-        torch.tensor(sequences[0] + sequences[1], dtype=torch.long), 2 * b, b,
-        sum(p.num_tokens for p in pairs),
+        input_ids, allowed.unsqueeze(1), position_ids, predictors, targets, sequences, 2 * b,
+        b, sum(p.num_tokens for p in pairs),
     )
 
 
@@ -140,33 +124,57 @@ def collate_packed(pairs: list[TokenizedPair]) -> PairBatch:
     Positions and the gather plan are those of :func:`collate_shared_prefix`, offset by
     where each pair starts in the row.
     """
-    b = len(pairs)
     ids: list[int] = []
     positions: list[int] = []
+    starts = []
     segments = []
+    for pair in pairs:
+        starts.append(len(ids))
+        p, c, r = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
+        ids += [*pair.prompt_ids, *pair.chosen_ids, *pair.rejected_ids]
+        positions += _positions(pair)
+        segments.append(Segment(starts[-1], p, c, r, rejected_mask(p, r)))
+    input_ids = torch.tensor([ids], dtype=torch.long)
+    predictors, targets, sequences = _gather_plan(pairs, starts, input_ids[0])
+    return PairBatch(
+        input_ids, None, torch.tensor([positions], dtype=torch.long), predictors, targets,
+        sequences, 2 * len(pairs), len(pairs), sum(p.num_tokens for p in pairs),
+        tuple(segments),
+    )
+
+
+def _row_length(pair: TokenizedPair) -> int:
+    return len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
+
+
+def _positions(pair: TokenizedPair) -> list[int]:
+    """Position ids of ``[prompt][chosen][rejected]``: rejected restarts where the prompt ends."""
+    p, c, r = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
+    return [*range(p + c), *range(p, p + r)]
+
+
+def _gather_plan(pairs: list[TokenizedPair], starts: list[int], flat_ids: torch.Tensor):
+    """Predictors, targets and sequences of ``[prompt][chosen][rejected]`` rows whose pair i
+    starts at flat index ``starts[i]``: chosen tokens of every pair, then rejected tokens.
+
+    Chosen token k (row position p + k) is predicted by position p + k - 1; rejected token k
+    (row position p + c + k) by p - 1 for k = 0, else by p + c + k - 1.
+    """
+    b = len(pairs)
     predictors: dict[int, list[int]] = {0: [], 1: []}  # chosen, rejected
     target_positions: dict[int, list[int]] = {0: [], 1: []}
     sequences: dict[int, list[int]] = {0: [], 1: []}
-    for i, pair in enumerate(pairs):
-        a = len(ids)
-        p, c, r = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
-        ids += [*pair.prompt_ids, *pair.chosen_ids, *pair.rejected_ids]
-        positions += [*range(p + c), *range(p, p + r)]
-        segments.append(Segment(a, p, c, r, rejected_mask(p, r)))
+    for i, (pair, a) in enumerate(zip(pairs, starts)):
+        p, c, n = len(pair.prompt_ids), len(pair.chosen_ids), _row_length(pair)
         predictors[0] += range(a + p - 1, a + p + c - 1)
-        predictors[1] += [a + p - 1, *range(a + p + c, a + p + c + r - 1)]
+        predictors[1] += [a + p - 1, *range(a + p + c, a + n - 1)]
         target_positions[0] += (a + t for t in _span(pair, "chosen"))
         target_positions[1] += (a + t for t in _span(pair, "rejected"))
         sequences[0] += [i] * c
-        sequences[1] += [b + i] * r
-    input_ids = torch.tensor([ids], dtype=torch.long)
-    targets = input_ids[0, torch.tensor(target_positions[0] + target_positions[1])]
-    return PairBatch(
-        input_ids, None, torch.tensor([positions], dtype=torch.long),
-        torch.tensor(predictors[0] + predictors[1], dtype=torch.long), targets,
-        torch.tensor(sequences[0] + sequences[1], dtype=torch.long), 2 * b, b,
-        sum(p.num_tokens for p in pairs), tuple(segments),
-    )
+        sequences[1] += [b + i] * (n - p - c)
+    targets = flat_ids[torch.tensor(target_positions[0] + target_positions[1], dtype=torch.long)]
+    return (torch.tensor(predictors[0] + predictors[1], dtype=torch.long), targets,
+            torch.tensor(sequences[0] + sequences[1], dtype=torch.long))
 
 
 def _span(pair: TokenizedPair, which: str) -> range:
